@@ -1,0 +1,63 @@
+// Dynamic per-token int8 activation quantization on the CPU:
+// python/lowbit/reference/activation.py.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "core/check.h"
+#include "cpu/common.h"
+
+namespace lowbit::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor& x_) {
+  constexpr const char* op = "quantize_per_token_int8";
+  check_float(op, "x", x_);
+  check_min_dim(op, "x", x_, 1);
+  const at::Tensor x = x_.contiguous();
+  const int64_t k = x.size(-1), rows = leading_rows(x);
+  std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
+  scale_shape.back() = 1;
+  at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
+  at::Tensor scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  int8_t* cp = codes.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  FirstBad bad;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_int8_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const scalar_t* src = xp + r * k;
+        int8_t* dst = cp + r * k;
+        bool finite;
+        float s = absmax(src, k, &finite) / 127.f;
+        if (!finite) {
+          bad.flag(r);
+          continue;
+        }
+        if (s == 0.f) s = 1.f;
+        sp[r] = s;
+        for (int64_t j = 0; j < k; ++j) {
+          float q = std::nearbyint(to_f32(src[j]) / s);
+          q = q < -128.f ? -128.f : (q > 127.f ? 127.f : q);
+          dst[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+        }
+      }
+    });
+  });
+  LOWBIT_CHECK(bad.get() < 0, op, "argument 'x' holds NaN or Inf (row ", bad.get(),
+               "), which would poison the dynamic scale");
+  return {codes, scales};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("quantize_per_token_int8", &quantize_per_token_int8_cpu);
+}
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,171 @@
+// FP8 (e4m3fn, e5m2) quantize / dequantize on the CPU: python/lowbit/reference/fp8.py.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Float8_e5m2.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "core/check.h"
+#include "cpu/common.h"
+
+namespace lowbit::cpu {
+namespace {
+
+template <typename F8>
+constexpr float fp8_max() {
+  return std::is_same_v<F8, c10::Float8_e4m3fn> ? 448.f : 57344.f;
+}
+
+// c10's float -> fp8 conversion (round to nearest even), after saturating at the
+// format's maximum; NaN passes through both comparisons and stays NaN.
+template <typename T, typename F8>
+inline void quantize_row(const T* src, F8* dst, int64_t len, float s) {
+  constexpr float fmax = fp8_max<F8>();
+  for (int64_t j = 0; j < len; ++j) {
+    float v = to_f32(src[j]) / s;
+    v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
+    dst[j] = F8(v);
+  }
+}
+
+template <typename Fn>
+void dispatch_fp8(at::ScalarType dtype, Fn&& fn) {
+  if (dtype == at::ScalarType::Float8_e4m3fn) {
+    fn(c10::Float8_e4m3fn());
+  } else {
+    fn(c10::Float8_e5m2());
+  }
+}
+
+// Shape of a per-row scale for x [..., K]: x.shape[:-1] + (1,).
+std::vector<int64_t> row_scale_shape(const at::Tensor& x) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = 1;
+  return s;
+}
+
+at::Tensor quantize_fp8_cpu(const at::Tensor& x_, const at::Tensor& scale_, at::ScalarType dtype) {
+  constexpr const char* op = "quantize_fp8";
+  check_float(op, "x", x_);
+  check_min_dim(op, "x", x_, 1);
+  check_fp8_dtype_arg(op, "dtype", dtype);
+  const bool per_row = check_row_scale(op, x_, scale_);
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor scale = scale_.contiguous();
+  const int64_t k = x.size(-1), rows = leading_rows(x);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  const float* sp = scale.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp8_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    dispatch_fp8(dtype, [&](auto tag) {
+      using F8 = decltype(tag);
+      F8* dst = static_cast<F8*>(out.data_ptr());
+      at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) quantize_row(xp + r * k, dst + r * k, k, sp[per_row ? r : 0]);
+      });
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_fp8_dynamic_cpu(const at::Tensor& x_, at::ScalarType dtype,
+                                                            bool per_row) {
+  constexpr const char* op = "quantize_fp8_dynamic";
+  check_float(op, "x", x_);
+  check_min_dim(op, "x", x_, 1);
+  check_fp8_dtype_arg(op, "dtype", dtype);
+  const at::Tensor x = x_.contiguous();
+  const int64_t k = x.size(-1), rows = leading_rows(x);
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
+  at::Tensor row_amax = at::empty({rows}, x.options().dtype(at::kFloat));
+  float* ap = row_amax.data_ptr<float>();
+  FirstBad bad;
+  const float fmax = dtype == at::ScalarType::Float8_e4m3fn ? 448.f : 57344.f;
+  at::Tensor scale = per_row ? at::empty(row_scale_shape(x), x.options().dtype(at::kFloat))
+                             : at::empty({}, x.options().dtype(at::kFloat));
+  float* sp = scale.data_ptr<float>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp8_dynamic_cpu", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        bool finite;
+        ap[r] = absmax(xp + r * k, k, &finite);
+        if (!finite) bad.flag(r);
+      }
+    });
+    LOWBIT_CHECK(bad.get() < 0, op, "argument 'x' holds NaN or Inf (row ", bad.get(),
+                 "), which would poison the dynamic scale");
+    auto to_scale = [&](float amax) {
+      const float s = amax / fmax;
+      return s == 0.f ? 1.f : s;
+    };
+    if (per_row) {
+      for (int64_t r = 0; r < rows; ++r) sp[r] = to_scale(ap[r]);
+    } else {
+      float m = 0.f;
+      for (int64_t r = 0; r < rows; ++r) m = ap[r] > m ? ap[r] : m;
+      sp[0] = to_scale(m);
+    }
+    dispatch_fp8(dtype, [&](auto tag) {
+      using F8 = decltype(tag);
+      F8* dst = static_cast<F8*>(out.data_ptr());
+      at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) quantize_row(xp + r * k, dst + r * k, k, sp[per_row ? r : 0]);
+      });
+    });
+  });
+  return {out, scale};
+}
+
+// fp8 -> float32 through a 256-entry table: exact, and a gather beats c10's bit fiddling.
+template <typename F8>
+const std::array<float, 256>& fp8_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int i = 0; i < 256; ++i) t[i] = static_cast<float>(F8(static_cast<uint8_t>(i), F8::from_bits()));
+    return t;
+  }();
+  return table;
+}
+
+at::Tensor dequantize_fp8_cpu(const at::Tensor& q_, const at::Tensor& scale_, at::ScalarType dtype) {
+  constexpr const char* op = "dequantize_fp8";
+  LOWBIT_CHECK_TYPE(is_fp8_dtype(q_.scalar_type()), op,
+                    "argument 'q' must be torch.float8_e4m3fn or torch.float8_e5m2, got ", q_.scalar_type());
+  check_min_dim(op, "q", q_, 1);
+  check_float_dtype_arg(op, "dtype", dtype);
+  const bool per_row = check_row_scale(op, q_, scale_);
+  const at::Tensor q = q_.contiguous();
+  const at::Tensor scale = scale_.contiguous();
+  const int64_t k = q.size(-1), rows = leading_rows(q);
+  at::Tensor out = at::empty(q.sizes(), q.options().dtype(dtype));
+  const float* sp = scale.const_data_ptr<float>();
+  const uint8_t* qp = static_cast<const uint8_t*>(q.const_data_ptr());
+  const std::array<float, 256>& table = q.scalar_type() == at::ScalarType::Float8_e4m3fn
+                                            ? fp8_table<c10::Float8_e4m3fn>()
+                                            : fp8_table<c10::Float8_e5m2>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_fp8_cpu", [&] {
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        const float s = sp[per_row ? r : 0];
+        for (int64_t j = 0; j < k; ++j) dst[r * k + j] = from_f32<scalar_t>(table[qp[r * k + j]] * s);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("quantize_fp8", &quantize_fp8_cpu);
+  m.impl("quantize_fp8_dynamic", &quantize_fp8_dynamic_cpu);
+  m.impl("dequantize_fp8", &dequantize_fp8_cpu);
+}
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,196 @@
+// Integer grids on the CPU: quant_params, quantize, dequantize.
+// Semantics and the rounding rule: python/lowbit/reference/quant.py.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "core/check.h"
+#include "cpu/common.h"
+
+namespace lowbit::cpu {
+namespace {
+
+struct Range {
+  float lo, hi;   // min(w, 0), max(w, 0)
+  bool finite;
+};
+
+template <typename T>
+inline Range group_range(const T* p, int64_t len) {
+  float hi[kLanes], lo[kLanes], poison[kLanes];
+  for (int j = 0; j < kLanes; ++j) hi[j] = lo[j] = poison[j] = 0.f;
+  int64_t k = 0;
+  for (; k + kLanes <= len; k += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = to_f32(p[k + j]);
+      hi[j] = v > hi[j] ? v : hi[j];
+      lo[j] = v < lo[j] ? v : lo[j];
+      poison[j] += v * 0.f;   // NaN once any element is NaN or Inf
+    }
+  }
+  for (; k < len; ++k) {
+    const float v = to_f32(p[k]);
+    hi[0] = v > hi[0] ? v : hi[0];
+    lo[0] = v < lo[0] ? v : lo[0];
+    poison[0] += v * 0.f;
+  }
+  Range r{0.f, 0.f, true};
+  for (int j = 0; j < kLanes; ++j) {
+    r.hi = hi[j] > r.hi ? hi[j] : r.hi;
+    r.lo = lo[j] < r.lo ? lo[j] : r.lo;
+    r.finite = r.finite && poison[j] == 0.f;
+  }
+  return r;
+}
+
+std::tuple<at::Tensor, at::Tensor> quant_params_cpu(const at::Tensor& w_, int64_t bits,
+                                                    int64_t group_size, bool symmetric,
+                                                    double clip_ratio) {
+  constexpr const char* op = "quant_params";
+  check_dim(op, "w", w_, 2);
+  check_float(op, "w", w_);
+  check_bits(op, bits);
+  check_group_size(op, group_size);
+  LOWBIT_CHECK(clip_ratio > 0.0 && clip_ratio <= 1.0, op,
+               "argument 'clip_ratio' must be in (0, 1], got ", clip_ratio);
+  const at::Tensor w = w_.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), g = num_groups(k, group_size);
+  at::Tensor scales = at::empty({n, g}, w.options().dtype(at::kFloat));
+  at::Tensor zeros = at::empty({n, g}, w.options().dtype(at::kInt));
+  float* sp = scales.data_ptr<float>();
+  int32_t* zp = zeros.data_ptr<int32_t>();
+  const float clip = static_cast<float>(clip_ratio);
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  const int32_t sym_zero = 1 << (bits - 1);
+  FirstBad bad;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quant_params_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t row = i / g, k0 = (i % g) * group_size;
+        const Range r = group_range(wp + row * k + k0, std::min(k, k0 + group_size) - k0);
+        if (!r.finite) bad.flag(row);
+        float scale;
+        int32_t zero;
+        if (symmetric) {
+          const float amax = r.hi > -r.lo ? r.hi : -r.lo;
+          scale = (amax * clip) / qmax;
+          if (scale == 0.f) scale = 1.f;
+          zero = sym_zero;
+        } else {
+          const float hi = r.hi * clip, lo = r.lo * clip;
+          scale = (hi - lo) / maxq;
+          if (scale == 0.f) scale = 1.f;
+          zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / scale), 0.f), maxq));
+        }
+        sp[i] = scale;
+        zp[i] = zero;
+      }
+    });
+  });
+  LOWBIT_CHECK(bad.get() < 0, op, "argument 'w' holds NaN or Inf (row ", bad.get(),
+               "), which would poison the scales; clean the weight first");
+  return {scales, zeros};
+}
+
+// Scales as float32 contiguous, checked positive and finite (a zero or negative scale
+// silently maps the whole group to one code).
+at::Tensor checked_scales(const char* op, const at::Tensor& scales) {
+  at::Tensor s = scales.to(at::kFloat).contiguous();
+  const float* p = s.const_data_ptr<float>();
+  for (int64_t i = 0; i < s.numel(); ++i) {
+    LOWBIT_CHECK(std::isfinite(p[i]) && p[i] > 0.f, op,
+                 "argument 'scales' must be positive and finite, got ", p[i], " at row ",
+                 i / std::max<int64_t>(s.size(1), 1), ", group ", i % std::max<int64_t>(s.size(1), 1));
+  }
+  return s;
+}
+
+at::Tensor quantize_cpu(const at::Tensor& w_, const at::Tensor& scales_, const at::Tensor& zeros_,
+                        int64_t bits, int64_t group_size) {
+  constexpr const char* op = "quantize";
+  check_float(op, "w", w_);
+  check_bits(op, bits);
+  check_grid(op, "w", w_, scales_, zeros_, group_size);
+  const at::Tensor w = w_.contiguous();
+  const at::Tensor scales = checked_scales(op, scales_);
+  const at::Tensor zeros = zeros_.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), g = num_groups(k, group_size);
+  at::Tensor codes = at::empty({n, k}, w.options().dtype(at::kByte));
+  const float* sp = scales.const_data_ptr<float>();
+  const int32_t* zp = zeros.const_data_ptr<int32_t>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float maxq = static_cast<float>((1 << bits) - 1);
+  FirstBad bad;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_cpu", [&] {
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t row = i / g, k0 = (i % g) * group_size;
+        const int64_t len = std::min(k, k0 + group_size) - k0;
+        const scalar_t* src = wp + row * k + k0;
+        uint8_t* dst = cp + row * k + k0;
+        const float s = sp[i], z = static_cast<float>(zp[i]);
+        for (int64_t j = 0; j < len; ++j) {
+          const float v = to_f32(src[j]);
+          float q = std::nearbyint(v / s) + z;
+          q = q < 0.f ? 0.f : q;
+          q = q > maxq ? maxq : q;
+          dst[j] = static_cast<uint8_t>(static_cast<int32_t>(q));
+        }
+        if (!all_finite(src, len)) bad.flag(row);
+      }
+    });
+  });
+  LOWBIT_CHECK(bad.get() < 0, op, "argument 'w' holds NaN or Inf (row ", bad.get(),
+               "), which has no code; clean the weight first");
+  return codes;
+}
+
+at::Tensor dequantize_cpu(const at::Tensor& codes_, const at::Tensor& scales_, const at::Tensor& zeros_,
+                          int64_t group_size, at::ScalarType dtype) {
+  constexpr const char* op = "dequantize";
+  check_dtype(op, "codes", codes_, at::kByte);
+  check_float_dtype_arg(op, "dtype", dtype);
+  check_grid(op, "codes", codes_, scales_, zeros_, group_size);
+  const at::Tensor codes = codes_.contiguous();
+  const at::Tensor scales = scales_.to(at::kFloat).contiguous();
+  const at::Tensor zeros = zeros_.contiguous();
+  const int64_t n = codes.size(0), k = codes.size(1), g = num_groups(k, group_size);
+  at::Tensor out = at::empty({n, k}, codes.options().dtype(dtype));
+  const float* sp = scales.const_data_ptr<float>();
+  const int32_t* zp = zeros.const_data_ptr<int32_t>();
+  const uint8_t* cp = codes.const_data_ptr<uint8_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
+    scalar_t* op_ = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t row = i / g, k0 = (i % g) * group_size;
+        const int64_t len = std::min(k, k0 + group_size) - k0;
+        const uint8_t* src = cp + row * k + k0;
+        scalar_t* dst = op_ + row * k + k0;
+        const float s = sp[i], z = static_cast<float>(zp[i]);
+        for (int64_t j = 0; j < len; ++j) {
+          dst[j] = from_f32<scalar_t>((static_cast<float>(src[j]) - z) * s);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("quant_params", &quant_params_cpu);
+  m.impl("quantize", &quantize_cpu);
+  m.impl("dequantize", &dequantize_cpu);
+}
+
+}  // namespace lowbit::cpu

@@ -1,0 +1,30 @@
+// The one TORCH_LIBRARY(lowbit, m): every schema of the extension, in one place.
+// Kernels register themselves per device at the end of csrc/cpu/*.cpp and
+// csrc/cuda/*.cu; fake (meta) kernels and typed wrappers live in python/lowbit/ops.py,
+// in this order. Semantics of each op: python/lowbit/reference/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(lowbit, m) {
+  // Integer grids (reference/quant.py). scales float32 [N, G], zeros int32 [N, G],
+  // codes uint8 [N, K], G = ceil(K / group_size).
+  m.def("quant_params(Tensor w, int bits, int group_size, bool symmetric, float clip_ratio=1.0) -> (Tensor, Tensor)");
+  m.def("quantize(Tensor w, Tensor scales, Tensor zeros, int bits, int group_size) -> Tensor");
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor zeros, int group_size, ScalarType dtype) -> Tensor");
+  // Bit packing into int32 words, the GPTQ layout (reference/packing.py).
+  m.def("pack_int32(Tensor codes, int bits) -> Tensor");
+  m.def("unpack_int32(Tensor packed, int bits, SymInt rows) -> Tensor");
+  // FP8 e4m3fn / e5m2 with per-tensor or per-row scales (reference/fp8.py).
+  m.def("quantize_fp8(Tensor x, Tensor scale, ScalarType dtype) -> Tensor");
+  m.def("quantize_fp8_dynamic(Tensor x, ScalarType dtype, bool per_row) -> (Tensor, Tensor)");
+  m.def("dequantize_fp8(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
+  // Dynamic per-token int8 activations (reference/activation.py).
+  m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
+}
+
+// A plain extension module: importing lowbit._C runs the static registrations above
+// and in the kernel files. No pybind11: nothing else crosses into Python.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,23 @@
+"""lowbit: post-training quantization of large language models in PyTorch.
+
+Importing lowbit registers its kernels as torch custom ops under ``torch.ops.lowbit``;
+``lowbit.ops`` holds their typed Python wrappers and ``lowbit.reference`` the
+plain-PyTorch specification each kernel is tested against.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from ._loader import load_extension
+
+build_info = load_extension()
+
+from . import ops, reference  # noqa: E402
+from .algorithms.rtn import QuantizedWeight, rtn_quantize  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ops", "reference", "rtn_quantize", "QuantizedWeight", "build_info", "__version__"]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

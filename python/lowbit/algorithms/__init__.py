@@ -1,0 +1,1 @@
+"""Quantization algorithms (the calibration math), built on ``lowbit.ops``."""

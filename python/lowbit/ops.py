@@ -1,0 +1,324 @@
+"""Typed wrappers and fake (meta) kernels of lowbit's custom ops, in schema order.
+
+Schemas live in ``csrc/torch_bindings.cpp``; semantics in ``lowbit.reference``. Each
+fake kernel makes the same argument checks as the C++ kernels, with the same wording,
+so ``torch.compile`` and meta-device tracing reject bad input the way eager does.
+
+Conventions (see ``lowbit.reference.quant``): a weight is ``[N, K]`` (out, in); groups
+run along K, ``G = ceil(K / group_size)``; scales float32 ``[N, G]``; zero points int32
+``[N, G]``; codes uint8 ``[N, K]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
+    "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+_lib = torch.ops.lowbit
+
+
+# -- argument checks (mirror csrc/core/check.h) ------------------------------------------
+
+def _msg(op: str, text: str):
+    return lambda: f"lowbit.{op}: {text}"
+
+
+def _check_float(op: str, arg: str, t: Tensor) -> None:
+    torch._check_type(t.dtype in _FLOATS, _msg(
+        op, f"argument '{arg}' must be float32, float16 or bfloat16, got {t.dtype}"))
+
+
+def _check_float_dtype_arg(op: str, arg: str, dtype: torch.dtype) -> None:
+    torch._check_type(dtype in _FLOATS, _msg(
+        op, f"argument '{arg}' must be torch.float32, torch.float16 or torch.bfloat16, got {dtype}"))
+
+
+def _check_fp8_dtype_arg(op: str, arg: str, dtype: torch.dtype) -> None:
+    torch._check_type(dtype in _FP8, _msg(
+        op, f"argument '{arg}' must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}"))
+
+
+def _check_dtype(op: str, arg: str, t: Tensor, want: torch.dtype) -> None:
+    torch._check_type(t.dtype == want, _msg(op, f"argument '{arg}' must be {want}, got {t.dtype}"))
+
+
+def _check_dim(op: str, arg: str, t: Tensor, dim: int) -> None:
+    torch._check_value(t.dim() == dim, _msg(
+        op, f"argument '{arg}' must be {dim}-D, got shape {list(t.shape)}"))
+
+
+def _check_min_dim(op: str, arg: str, t: Tensor, dim: int) -> None:
+    torch._check_value(t.dim() >= dim, _msg(
+        op, f"argument '{arg}' must have at least {dim} dimension(s), got shape {list(t.shape)}"))
+
+
+def _check_bits(op: str, bits: int) -> None:
+    torch._check_value(2 <= bits <= 8, _msg(op, f"argument 'bits' must be in [2, 8], got {bits}"))
+
+
+def _check_group_size(op: str, group_size: int) -> None:
+    torch._check_value(group_size > 0, _msg(
+        op, "argument 'group_size' must be a positive number of columns "
+        f"(use group_size = K for per-channel), got {group_size}"))
+
+
+def _check_same_device(op: str, arg: str, t: Tensor, ref_arg: str, ref: Tensor) -> None:
+    torch._check_value(t.device == ref.device, _msg(
+        op, f"argument '{arg}' is on {t.device} but '{ref_arg}' is on {ref.device}; "
+        "move them to one device"))
+
+
+def _num_groups(k, group_size: int):
+    return (k + group_size - 1) // group_size
+
+
+def _packed_rows(rows, bits: int):
+    return (rows * bits + 31) // 32
+
+
+def _check_grid(op: str, arg: str, t: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> None:
+    _check_group_size(op, group_size)
+    _check_dim(op, arg, t, 2)
+    _check_float(op, "scales", scales)
+    _check_dtype(op, "zeros", zeros, torch.int32)
+    _check_same_device(op, "scales", scales, arg, t)
+    _check_same_device(op, "zeros", zeros, arg, t)
+    n, g = t.shape[0], _num_groups(t.shape[1], group_size)
+    torch._check_value(scales.dim() == 2 and scales.shape[0] == n and scales.shape[1] == g, _msg(
+        op, f"argument 'scales' must have shape [{n}, {g}] for '{arg}' of shape {list(t.shape)} "
+        f"and group_size {group_size}, got {list(scales.shape)}"))
+    torch._check_value(zeros.shape == scales.shape, _msg(
+        op, f"argument 'zeros' must have the shape of 'scales' {list(scales.shape)}, "
+        f"got {list(zeros.shape)}"))
+
+
+def _row_scale_shape(x: Tensor) -> list:
+    return [*x.shape[:-1], 1]
+
+
+def _check_row_scale(op: str, x: Tensor, scale: Tensor) -> None:
+    _check_dtype(op, "scale", scale, torch.float32)
+    _check_same_device(op, "scale", scale, "x", x)
+    if scale.numel() == 1:
+        return
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    shape = _row_scale_shape(x)
+    ok = list(scale.shape) == shape or (scale.dim() == 1 and scale.shape[0] == rows)
+    torch._check_value(ok, _msg(
+        op, f"argument 'scale' must hold one value (per-tensor) or one per row, shape {shape}, "
+        f"for 'x' of shape {list(x.shape)}; got {list(scale.shape)}"))
+
+
+# -- integer grids ---------------------------------------------------------------------
+
+def quant_params(
+    w: Tensor, bits: int, group_size: int, symmetric: bool = True, clip_ratio: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """Per-group scales and zero points of a weight.
+
+    Args:
+        w: float32/float16/bfloat16 ``[N, K]``, any strides.
+        bits: 2..8.
+        group_size: columns per group along K (positive); ``>= K`` is per-channel.
+            The last group is ragged when it does not divide K.
+        symmetric: absmax grid (zero = 2**(bits-1)) if True, else min/max zero-point grid.
+        clip_ratio: in (0, 1]; shrinks the range before the scale is taken.
+
+    Returns:
+        ``scales`` float32 ``[N, G]`` and ``zeros`` int32 ``[N, G]``, ``G = ceil(K / group_size)``.
+        Raises ValueError if ``w`` holds NaN or Inf.
+    """
+    return _lib.quant_params.default(w, bits, group_size, symmetric, clip_ratio)
+
+
+@torch.library.register_fake("lowbit::quant_params")
+def _quant_params_fake(w, bits, group_size, symmetric, clip_ratio=1.0):
+    op = "quant_params"
+    _check_dim(op, "w", w, 2)
+    _check_float(op, "w", w)
+    _check_bits(op, bits)
+    _check_group_size(op, group_size)
+    torch._check_value(0.0 < clip_ratio <= 1.0, _msg(
+        op, f"argument 'clip_ratio' must be in (0, 1], got {clip_ratio}"))
+    n, g = w.shape[0], _num_groups(w.shape[1], group_size)
+    return w.new_empty(n, g, dtype=torch.float32), w.new_empty(n, g, dtype=torch.int32)
+
+
+def quantize(w: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
+    """Integer codes of ``w`` on a grid.
+
+    Args:
+        w: float ``[N, K]``; must be finite.
+        scales: float ``[N, G]``, positive and finite; zeros: int32 ``[N, G]``.
+        bits: 2..8; group_size: as in :func:`quant_params`.
+
+    Returns:
+        uint8 codes ``[N, K]``: ``clamp(rint(w / scale) + zero, 0, 2**bits - 1)``.
+    """
+    return _lib.quantize.default(w, scales, zeros, bits, group_size)
+
+
+@torch.library.register_fake("lowbit::quantize")
+def _quantize_fake(w, scales, zeros, bits, group_size):
+    op = "quantize"
+    _check_float(op, "w", w)
+    _check_bits(op, bits)
+    _check_grid(op, "w", w, scales, zeros, group_size)
+    return torch.empty_like(w, dtype=torch.uint8, memory_format=torch.contiguous_format)
+
+
+def dequantize(
+    codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, dtype: torch.dtype = torch.float16
+) -> Tensor:
+    """Float values of integer codes: ``(codes - zero) * scale``.
+
+    Args:
+        codes: uint8 ``[N, K]``; scales: float ``[N, G]``; zeros: int32 ``[N, G]``.
+        dtype: output dtype (float32, float16 or bfloat16).
+
+    Returns:
+        ``dtype`` ``[N, K]``, contiguous; computed in float32 and rounded once.
+    """
+    return _lib.dequantize.default(codes, scales, zeros, group_size, dtype)
+
+
+@torch.library.register_fake("lowbit::dequantize")
+def _dequantize_fake(codes, scales, zeros, group_size, dtype):
+    op = "dequantize"
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_float_dtype_arg(op, "dtype", dtype)
+    _check_grid(op, "codes", codes, scales, zeros, group_size)
+    return codes.new_empty(codes.shape, dtype=dtype)
+
+
+# -- bit packing -----------------------------------------------------------------------
+
+def pack_int32(codes: Tensor, bits: int) -> Tensor:
+    """Pack uint8 codes ``[R, C]`` (each ``< 2**bits``) along dim 0 into int32 words.
+
+    Returns int32 ``[ceil(R * bits / 32), C]``; the layout (GPTQ's) is defined in
+    :mod:`lowbit.reference.packing`. GPTQ's ``qweight`` is ``pack_int32(codes.t(), bits)``.
+    """
+    return _lib.pack_int32.default(codes, bits)
+
+
+@torch.library.register_fake("lowbit::pack_int32")
+def _pack_int32_fake(codes, bits):
+    op = "pack_int32"
+    _check_dtype(op, "codes", codes, torch.uint8)
+    _check_dim(op, "codes", codes, 2)
+    _check_bits(op, bits)
+    return codes.new_empty(_packed_rows(codes.shape[0], bits), codes.shape[1], dtype=torch.int32)
+
+
+def unpack_int32(packed: Tensor, bits: int, rows: int) -> Tensor:
+    """Inverse of :func:`pack_int32`: int32 ``[ceil(rows * bits / 32), C]`` -> uint8 ``[rows, C]``."""
+    return _lib.unpack_int32.default(packed, bits, rows)
+
+
+@torch.library.register_fake("lowbit::unpack_int32")
+def _unpack_int32_fake(packed, bits, rows):
+    op = "unpack_int32"
+    _check_dtype(op, "packed", packed, torch.int32)
+    _check_dim(op, "packed", packed, 2)
+    _check_bits(op, bits)
+    torch._check_value(rows >= 0, _msg(op, f"argument 'rows' must be >= 0, got {rows}"))
+    torch._check_value(packed.shape[0] == _packed_rows(rows, bits), _msg(
+        op, f"argument 'packed' must have {_packed_rows(rows, bits)} rows of words for "
+        f"rows={rows} and bits={bits}, got shape {list(packed.shape)}"))
+    return packed.new_empty(rows, packed.shape[1], dtype=torch.uint8)
+
+
+# -- FP8 -------------------------------------------------------------------------------
+
+def quantize_fp8(x: Tensor, scale: Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> Tensor:
+    """FP8 codes of ``x`` ``[..., K]`` with a given (static) scale.
+
+    Args:
+        x: float ``[..., K]``.
+        scale: float32, one value (per-tensor) or one per row (``x.shape[:-1] + (1,)``).
+        dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2``.
+
+    Returns:
+        ``dtype`` ``[..., K]``: ``x / scale`` saturated at the format's maximum (NaN stays NaN).
+    """
+    return _lib.quantize_fp8.default(x, scale, dtype)
+
+
+@torch.library.register_fake("lowbit::quantize_fp8")
+def _quantize_fp8_fake(x, scale, dtype):
+    op = "quantize_fp8"
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    _check_fp8_dtype_arg(op, "dtype", dtype)
+    _check_row_scale(op, x, scale)
+    return x.new_empty(x.shape, dtype=dtype)
+
+
+def quantize_fp8_dynamic(
+    x: Tensor, dtype: torch.dtype = torch.float8_e4m3fn, per_row: bool = True
+) -> tuple[Tensor, Tensor]:
+    """FP8 codes of ``x`` ``[..., K]`` with absmax scales computed on the fly.
+
+    Returns ``(q, scale)``: ``q`` ``dtype`` ``[..., K]``; ``scale`` float32
+    ``x.shape[:-1] + (1,)`` when ``per_row`` (per token / per channel), else 0-dim.
+    Raises ValueError if ``x`` holds NaN or Inf.
+    """
+    return _lib.quantize_fp8_dynamic.default(x, dtype, per_row)
+
+
+@torch.library.register_fake("lowbit::quantize_fp8_dynamic")
+def _quantize_fp8_dynamic_fake(x, dtype, per_row):
+    op = "quantize_fp8_dynamic"
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    _check_fp8_dtype_arg(op, "dtype", dtype)
+    scale_shape = _row_scale_shape(x) if per_row else []
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty(scale_shape, dtype=torch.float32)
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float16) -> Tensor:
+    """``q * scale`` as ``dtype`` ``[..., K]`` from FP8 ``q`` ``[..., K]`` and a per-tensor or per-row scale."""
+    return _lib.dequantize_fp8.default(q, scale, dtype)
+
+
+@torch.library.register_fake("lowbit::dequantize_fp8")
+def _dequantize_fp8_fake(q, scale, dtype):
+    op = "dequantize_fp8"
+    torch._check_type(q.dtype in _FP8, _msg(
+        op, f"argument 'q' must be torch.float8_e4m3fn or torch.float8_e5m2, got {q.dtype}"))
+    _check_min_dim(op, "q", q, 1)
+    _check_float_dtype_arg(op, "dtype", dtype)
+    _check_row_scale(op, q, scale)
+    return q.new_empty(q.shape, dtype=dtype)
+
+
+# -- int8 activations ------------------------------------------------------------------
+
+def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token (per-row) absmax int8 quantization of activations.
+
+    Args:
+        x: float ``[..., K]``; must be finite.
+
+    Returns:
+        ``codes`` int8 ``[..., K]`` and ``scales`` float32 ``x.shape[:-1] + (1,)``,
+        with ``x ~= codes * scales``.
+    """
+    return _lib.quantize_per_token_int8.default(x)
+
+
+@torch.library.register_fake("lowbit::quantize_per_token_int8")
+def _quantize_per_token_int8_fake(x):
+    op = "quantize_per_token_int8"
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(_row_scale_shape(x), dtype=torch.float32)
