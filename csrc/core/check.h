@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -16,6 +17,11 @@
 
 namespace lowbit {
 
+// "torch.float16", as Python prints a dtype, so C++ and fake-kernel messages read alike.
+inline std::string dtype_name(at::ScalarType t) {
+  return std::string("torch.") + std::string(c10::getDtypeNames(t).first);
+}
+
 inline bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
 }
@@ -26,22 +32,22 @@ inline bool is_fp8_dtype(at::ScalarType t) {
 
 inline void check_float(const char* op, const char* arg, const at::Tensor& t) {
   LOWBIT_CHECK_TYPE(is_float_dtype(t.scalar_type()), op, "argument '", arg,
-                    "' must be float32, float16 or bfloat16, got ", t.scalar_type());
+                    "' must be float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_float_dtype_arg(const char* op, const char* arg, at::ScalarType t) {
   LOWBIT_CHECK_TYPE(is_float_dtype(t), op, "argument '", arg,
-                    "' must be torch.float32, torch.float16 or torch.bfloat16, got ", t);
+                    "' must be torch.float32, torch.float16 or torch.bfloat16, got ", dtype_name(t));
 }
 
 inline void check_fp8_dtype_arg(const char* op, const char* arg, at::ScalarType t) {
   LOWBIT_CHECK_TYPE(is_fp8_dtype(t), op, "argument '", arg,
-                    "' must be torch.float8_e4m3fn or torch.float8_e5m2, got ", t);
+                    "' must be torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype_name(t));
 }
 
 inline void check_dtype(const char* op, const char* arg, const at::Tensor& t, at::ScalarType want) {
-  LOWBIT_CHECK_TYPE(t.scalar_type() == want, op, "argument '", arg, "' must be ", want, ", got ",
-                    t.scalar_type());
+  LOWBIT_CHECK_TYPE(t.scalar_type() == want, op, "argument '", arg, "' must be ", dtype_name(want),
+                    ", got ", dtype_name(t.scalar_type()));
 }
 
 inline void check_dim(const char* op, const char* arg, const at::Tensor& t, int64_t dim) {
