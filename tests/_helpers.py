@@ -49,3 +49,22 @@ def raises(exc, match: str, fn, *args, **kwargs) -> None:
 
     with pytest.raises(exc, match=match):
         fn(*args, **kwargs)
+
+
+def shared_data(*parts: str):
+    """Path into ../shared/data (beside the repository), or skip-free failure if absent:
+    CI always has it, so a missing file is an error, not a skip."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    path = root.joinpath(*parts)
+    assert path.exists(), f"{path} is missing: tests need ../shared/data beside the repository"
+    return path
+
+
+def stories260k_linear_weights() -> dict:
+    """The 35 Linear weights of the real stories260K model (embeddings excluded)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(shared_data("models", "stories260K", "hf", "model.safetensors")))
+    return {k: v for k, v in sd.items() if v.dim() == 2 and "embed" not in k and "lm_head" not in k}

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Set up lowbit on a fresh machine: a virtual environment in .venv, torch (the CPU
+# build 2.13.0 unless a torch is already importable), the build tools, and lowbit built
+# against that torch with --no-build-isolation. Pass --test to add the test tools.
+#
+#   scripts/setup.sh            # library only
+#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest
+#
+# Environment: PYTHON (interpreter for the venv, default python3), LOWBIT_TORCH (torch
+# requirement when none is importable, default torch==2.13.0), LOWBIT_CPU_ARCH (see
+# CMakeLists.txt), TORCH_CUDA_ARCH_LIST (CUDA builds, default "8.0;8.9;9.0"). A folder
+# .wheelhouse/ of wheels, if present, is searched first (machines without an index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version 2>&1)"
+  # System site-packages stay visible, so a torch installed system-wide (a GPU image's
+  # CUDA torch) is used rather than replaced.
+  "$PYTHON" -m venv --system-site-packages .venv
+fi
+PY=.venv/bin/python
+pip_args=(--disable-pip-version-check -q)
+if [ -d .wheelhouse ]; then
+  pip_args+=(--find-links .wheelhouse)
+fi
+pip_install() { "$PY" -m pip install "${pip_args[@]}" "$@"; }
+
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: using torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "setup: installing ${LOWBIT_TORCH:-torch==2.13.0}"
+  pip_install "${LOWBIT_TORCH:-torch==2.13.0}"
+fi
+
+# Build tools and runtime dependencies, only those missing (offline machines may have them).
+need=()
+"$PY" -c "import scikit_build_core" 2>/dev/null || need+=("scikit-build-core>=0.10")
+command -v cmake >/dev/null 2>&1 || "$PY" -c "import cmake" 2>/dev/null || need+=("cmake>=3.21")
+command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || need+=("ninja")
+for mod in numpy safetensors tqdm; do
+  "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
+done
+if [ "$want_test" = 1 ]; then
+  for mod in pytest hypothesis expecttest; do
+    "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
+  done
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]}"
+  pip_install "${need[@]}"
+fi
+
+echo "setup: building lowbit (C++ kernels$("$PY" -c 'import torch; print(" + CUDA" if torch.version.cuda else "")'))"
+start=$(date +%s)
+pip_install --no-build-isolation --no-deps -e .
+echo "setup: built in $(( $(date +%s) - start )) s"
+"$PY" -c "import lowbit; b = lowbit.build_info; print(f'setup: lowbit {lowbit.__version__} ready (torch {b.TORCH_VERSION}, CPU {b.CPU_ISA}, CUDA {b.CUDA_ARCH_LIST or \"off\"})')"
