@@ -45,6 +45,12 @@ def _find_nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _cxx_standard() -> str:
+    # As CMakeLists.txt: torch >= 2.10 headers are C++20.
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "c++20" if (major, minor) >= (2, 10) else "c++17"
+
+
 def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
     cmd = [nvcc, "-c", str(source), "-o", str(obj)]
     for arch in ARCHS:
@@ -53,7 +59,7 @@ def _nvcc_command(nvcc: str, source: Path, obj: Path) -> list[str]:
         cmd += ["-I", inc]
     cmd += [
         "-I", str(CSRC),
-        "-std=c++17",
+        f"-std={_cxx_standard()}",
         "--expt-relaxed-constexpr",
         # The CPU wheel of torch lacks c10/cuda/impl/cuda_cmake_macros.h; this skips it.
         "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
