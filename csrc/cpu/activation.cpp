@@ -1,6 +1,5 @@
 // Dynamic per-token int8 activation quantization on the CPU:
 // python/lowbit/reference/activation.py.
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -8,6 +7,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "cpu/common.h"
 
 namespace lowbit::cpu {
@@ -27,24 +27,30 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
   float* sp = scales.data_ptr<float>();
   FirstBad bad;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_per_token_int8_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(x.scalar_type(), "quantize_per_token_int8_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
         const scalar_t* src = xp + r * k;
-        int8_t* dst = cp + r * k;
-        bool finite;
-        float s = absmax(src, k, &finite) / 127.f;
-        if (!finite) {
+        RangeAcc acc;
+        acc.add(src, k);
+        if (!acc.finite()) {
           bad.flag(r);
           continue;
         }
+        float s = acc.absmax() / 127.f;
         if (s == 0.f) s = 1.f;
         sp[r] = s;
-        for (int64_t j = 0; j < k; ++j) {
-          float q = std::nearbyint(to_f32(src[j]) / s);
-          q = q < -128.f ? -128.f : (q > 127.f ? 127.f : q);
-          dst[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+        float buf[kBlock];
+        for (int64_t b0 = 0; b0 < k; b0 += kBlock) {
+          const int64_t m = std::min(kBlock, k - b0);
+          const float* f = as_f32(src + b0, buf, m);
+          int8_t* dst = cp + r * k + b0;
+          for (int64_t j = 0; j < m; ++j) {
+            float q = std::nearbyint(f[j] / s);
+            q = q < -128.f ? -128.f : (q > 127.f ? 127.f : q);
+            dst[j] = static_cast<int8_t>(static_cast<int32_t>(q));
+          }
         }
       }
     });

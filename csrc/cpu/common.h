@@ -1,4 +1,5 @@
-// Helpers shared by the CPU kernel files: parallel loops that report the first bad row.
+// Helpers shared by the CPU kernel files: parallel loops that report the first bad row,
+// and blocked float32 reductions.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -38,37 +39,98 @@ inline int64_t grain_for(int64_t elems_per_item) {
 // exact in any order, so results stay bit-identical to the reference's.
 constexpr int kLanes = 16;
 
-// max |p[i]| over len elements, and whether all of them are finite.
-template <typename T>
-inline float absmax(const T* p, int64_t len, bool* finite) {
-  float m[kLanes] = {}, poison[kLanes] = {};
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) {
+// Running min(x, 0), max(x, 0) and a finiteness check over float32 data.
+struct RangeAcc {
+  float lo[kLanes] = {}, hi[kLanes] = {}, poison[kLanes] = {};
+
+  void add(const float* __restrict__ f, int64_t n) {
+    // Locals, not members: GCC keeps them in registers only if nothing may alias them.
+    float h[kLanes], l[kLanes], p[kLanes];
     for (int j = 0; j < kLanes; ++j) {
-      const float v = std::fabs(to_f32(p[k + j]));
-      m[j] = v > m[j] ? v : m[j];
-      poison[j] += v * 0.f;   // NaN once any element is NaN or Inf
+      h[j] = hi[j];
+      l[j] = lo[j];
+      p[j] = poison[j];
+    }
+    int64_t k = 0;
+#ifdef LOWBIT_X86_SIMD
+    // GCC does not vectorise `v > m ? v : m` reductions without -ffinite-math-only;
+    // vmaxps(v, m) is that expression exactly (NaN and signed zeros included).
+    static_assert(kLanes == 16, "two 8-lane registers per accumulator");
+    __m256 h0 = _mm256_loadu_ps(h), h1 = _mm256_loadu_ps(h + 8);
+    __m256 l0 = _mm256_loadu_ps(l), l1 = _mm256_loadu_ps(l + 8);
+    __m256 p0 = _mm256_loadu_ps(p), p1 = _mm256_loadu_ps(p + 8);
+    const __m256 zero = _mm256_setzero_ps();
+    for (; k + kLanes <= n; k += kLanes) {
+      const __m256 v0 = _mm256_loadu_ps(f + k), v1 = _mm256_loadu_ps(f + k + 8);
+      h0 = _mm256_max_ps(v0, h0);
+      h1 = _mm256_max_ps(v1, h1);
+      l0 = _mm256_min_ps(v0, l0);
+      l1 = _mm256_min_ps(v1, l1);
+      p0 = _mm256_add_ps(p0, _mm256_mul_ps(v0, zero));
+      p1 = _mm256_add_ps(p1, _mm256_mul_ps(v1, zero));
+    }
+    _mm256_storeu_ps(h, h0);
+    _mm256_storeu_ps(h + 8, h1);
+    _mm256_storeu_ps(l, l0);
+    _mm256_storeu_ps(l + 8, l1);
+    _mm256_storeu_ps(p, p0);
+    _mm256_storeu_ps(p + 8, p1);
+#else
+    for (; k + kLanes <= n; k += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        const float v = f[k + j];
+        h[j] = v > h[j] ? v : h[j];
+        l[j] = v < l[j] ? v : l[j];
+        p[j] += v * 0.f;   // NaN once any element is NaN or Inf
+      }
+    }
+#endif
+    for (; k < n; ++k) {
+      const float v = f[k];
+      h[0] = v > h[0] ? v : h[0];
+      l[0] = v < l[0] ? v : l[0];
+      p[0] += v * 0.f;
+    }
+    for (int j = 0; j < kLanes; ++j) {
+      hi[j] = h[j];
+      lo[j] = l[j];
+      poison[j] = p[j];
     }
   }
-  for (; k < len; ++k) {
-    const float v = std::fabs(to_f32(p[k]));
-    m[0] = v > m[0] ? v : m[0];
-    poison[0] += v * 0.f;
+  template <typename T>
+  void add(const T* p, int64_t n) {
+    float buf[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      add(as_f32(p + b, buf, m), m);
+    }
   }
-  float r = 0.f, acc = 0.f;
-  for (int j = 0; j < kLanes; ++j) {
-    r = m[j] > r ? m[j] : r;
-    acc += poison[j];
+  float max() const {
+    float r = 0.f;
+    for (int j = 0; j < kLanes; ++j) r = hi[j] > r ? hi[j] : r;
+    return r;
   }
-  *finite = acc == 0.f;
-  return r;
-}
+  float min() const {
+    float r = 0.f;
+    for (int j = 0; j < kLanes; ++j) r = lo[j] < r ? lo[j] : r;
+    return r;
+  }
+  float absmax() const {
+    const float a = max(), b = -min();
+    return a > b ? a : b;
+  }
+  bool finite() const {
+    float acc = 0.f;
+    for (int j = 0; j < kLanes; ++j) acc += poison[j];
+    return acc == 0.f;
+  }
+};
 
 template <typename T>
 inline bool all_finite(const T* p, int64_t len) {
-  bool finite;
-  absmax(p, len, &finite);
-  return finite;
+  RangeAcc r;
+  r.add(p, len);
+  return r.finite();
 }
 
 }  // namespace lowbit::cpu

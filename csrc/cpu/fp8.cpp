@@ -1,5 +1,4 @@
 // FP8 (e4m3fn, e5m2) quantize / dequantize on the CPU: python/lowbit/reference/fp8.py.
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Float8_e5m2.h>
@@ -9,6 +8,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "cpu/common.h"
 
 namespace lowbit::cpu {
@@ -19,15 +19,21 @@ constexpr float fp8_max() {
   return std::is_same_v<F8, c10::Float8_e4m3fn> ? 448.f : 57344.f;
 }
 
-// c10's float -> fp8 conversion (round to nearest even), after saturating at the
-// format's maximum; NaN passes through both comparisons and stays NaN.
+// Saturate at the format's maximum (comparisons keep NaN), then round to nearest even.
 template <typename T, typename F8>
-inline void quantize_row(const T* src, F8* dst, int64_t len, float s) {
+inline void quantize_row(const T* src, F8* dst_, int64_t len, float s) {
   constexpr float fmax = fp8_max<F8>();
-  for (int64_t j = 0; j < len; ++j) {
-    float v = to_f32(src[j]) / s;
-    v = v < -fmax ? -fmax : (v > fmax ? fmax : v);
-    dst[j] = F8(v);
+  constexpr bool e4m3 = std::is_same_v<F8, c10::Float8_e4m3fn>;
+  uint8_t* dst = reinterpret_cast<uint8_t*>(dst_);
+  float buf[kBlock];
+  for (int64_t b = 0; b < len; b += kBlock) {
+    const int64_t m = std::min(kBlock, len - b);
+    const float* f = as_f32(src + b, buf, m);
+    if (e4m3) {
+      encode_fp8<3, 7>(f, s, fmax, dst + b, m);
+    } else {
+      encode_fp8<2, 15>(f, s, fmax, dst + b, m);
+    }
   }
 }
 
@@ -58,7 +64,7 @@ at::Tensor quantize_fp8_cpu(const at::Tensor& x_, const at::Tensor& scale_, at::
   const int64_t k = x.size(-1), rows = leading_rows(x);
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
   const float* sp = scale.const_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp8_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(x.scalar_type(), "quantize_fp8_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     dispatch_fp8(dtype, [&](auto tag) {
       using F8 = decltype(tag);
@@ -88,13 +94,14 @@ std::tuple<at::Tensor, at::Tensor> quantize_fp8_dynamic_cpu(const at::Tensor& x_
                              : at::empty({}, x.options().dtype(at::kFloat));
   float* sp = scale.data_ptr<float>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_fp8_dynamic_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(x.scalar_type(), "quantize_fp8_dynamic_cpu", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
       for (int64_t r = b; r < e; ++r) {
-        bool finite;
-        ap[r] = absmax(xp + r * k, k, &finite);
-        if (!finite) bad.flag(r);
+        RangeAcc acc;
+        acc.add(xp + r * k, k);
+        ap[r] = acc.absmax();
+        if (!acc.finite()) bad.flag(r);
       }
     });
     LOWBIT_CHECK(bad.get() < 0, op, "argument 'x' holds NaN or Inf (row ", bad.get(),
@@ -148,12 +155,18 @@ at::Tensor dequantize_fp8_cpu(const at::Tensor& q_, const at::Tensor& scale_, at
   const std::array<float, 256>& table = q.scalar_type() == at::ScalarType::Float8_e4m3fn
                                             ? fp8_table<c10::Float8_e4m3fn>()
                                             : fp8_table<c10::Float8_e5m2>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_fp8_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(dtype, "dequantize_fp8_cpu", [&] {
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain_for(k), [&](int64_t b, int64_t e) {
+      float buf[kBlock];
       for (int64_t r = b; r < e; ++r) {
         const float s = sp[per_row ? r : 0];
-        for (int64_t j = 0; j < k; ++j) dst[r * k + j] = from_f32<scalar_t>(table[qp[r * k + j]] * s);
+        for (int64_t b0 = 0; b0 < k; b0 += kBlock) {
+          const int64_t m = std::min(kBlock, k - b0);
+          const uint8_t* src = qp + r * k + b0;
+          for (int64_t j = 0; j < m; ++j) buf[j] = table[src[j]] * s;
+          store_f32(buf, dst + r * k + b0, m);
+        }
       }
     });
   });

@@ -1,49 +1,16 @@
 // Integer grids on the CPU: quant_params, quantize, dequantize.
 // Semantics and the rounding rule: python/lowbit/reference/quant.py.
-#include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cmath>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "cpu/common.h"
 
 namespace lowbit::cpu {
 namespace {
-
-struct Range {
-  float lo, hi;   // min(w, 0), max(w, 0)
-  bool finite;
-};
-
-template <typename T>
-inline Range group_range(const T* p, int64_t len) {
-  float hi[kLanes], lo[kLanes], poison[kLanes];
-  for (int j = 0; j < kLanes; ++j) hi[j] = lo[j] = poison[j] = 0.f;
-  int64_t k = 0;
-  for (; k + kLanes <= len; k += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const float v = to_f32(p[k + j]);
-      hi[j] = v > hi[j] ? v : hi[j];
-      lo[j] = v < lo[j] ? v : lo[j];
-      poison[j] += v * 0.f;   // NaN once any element is NaN or Inf
-    }
-  }
-  for (; k < len; ++k) {
-    const float v = to_f32(p[k]);
-    hi[0] = v > hi[0] ? v : hi[0];
-    lo[0] = v < lo[0] ? v : lo[0];
-    poison[0] += v * 0.f;
-  }
-  Range r{0.f, 0.f, true};
-  for (int j = 0; j < kLanes; ++j) {
-    r.hi = hi[j] > r.hi ? hi[j] : r.hi;
-    r.lo = lo[j] < r.lo ? lo[j] : r.lo;
-    r.finite = r.finite && poison[j] == 0.f;
-  }
-  return r;
-}
 
 std::tuple<at::Tensor, at::Tensor> quant_params_cpu(const at::Tensor& w_, int64_t bits,
                                                     int64_t group_size, bool symmetric,
@@ -67,22 +34,22 @@ std::tuple<at::Tensor, at::Tensor> quant_params_cpu(const at::Tensor& w_, int64_
   const int32_t sym_zero = 1 << (bits - 1);
   FirstBad bad;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quant_params_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(w.scalar_type(), "quant_params_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t row = i / g, k0 = (i % g) * group_size;
-        const Range r = group_range(wp + row * k + k0, std::min(k, k0 + group_size) - k0);
-        if (!r.finite) bad.flag(row);
+        RangeAcc r;
+        r.add(wp + row * k + k0, std::min(k, k0 + group_size) - k0);
+        if (!r.finite()) bad.flag(row);
         float scale;
         int32_t zero;
         if (symmetric) {
-          const float amax = r.hi > -r.lo ? r.hi : -r.lo;
-          scale = (amax * clip) / qmax;
+          scale = (r.absmax() * clip) / qmax;
           if (scale == 0.f) scale = 1.f;
           zero = sym_zero;
         } else {
-          const float hi = r.hi * clip, lo = r.lo * clip;
+          const float hi = r.max() * clip, lo = r.min() * clip;
           scale = (hi - lo) / maxq;
           if (scale == 0.f) scale = 1.f;
           zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / scale), 0.f), maxq));
@@ -127,23 +94,28 @@ at::Tensor quantize_cpu(const at::Tensor& w_, const at::Tensor& scales_, const a
   const float maxq = static_cast<float>((1 << bits) - 1);
   FirstBad bad;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "quantize_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(w.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t row = i / g, k0 = (i % g) * group_size;
         const int64_t len = std::min(k, k0 + group_size) - k0;
-        const scalar_t* src = wp + row * k + k0;
-        uint8_t* dst = cp + row * k + k0;
         const float s = sp[i], z = static_cast<float>(zp[i]);
-        for (int64_t j = 0; j < len; ++j) {
-          const float v = to_f32(src[j]);
-          float q = std::nearbyint(v / s) + z;
-          q = q < 0.f ? 0.f : q;
-          q = q > maxq ? maxq : q;
-          dst[j] = static_cast<uint8_t>(static_cast<int32_t>(q));
+        float buf[kBlock];
+        RangeAcc seen;
+        for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+          const int64_t m = std::min(kBlock, len - b0);
+          const float* f = as_f32(wp + row * k + k0 + b0, buf, m);
+          uint8_t* dst = cp + row * k + k0 + b0;
+          for (int64_t j = 0; j < m; ++j) {
+            float q = std::nearbyint(f[j] / s) + z;
+            q = q < 0.f ? 0.f : q;
+            q = q > maxq ? maxq : q;
+            dst[j] = static_cast<uint8_t>(static_cast<int32_t>(q));
+          }
+          seen.add(f, m);
         }
-        if (!all_finite(src, len)) bad.flag(row);
+        if (!seen.finite()) bad.flag(row);
       }
     });
   });
@@ -167,17 +139,19 @@ at::Tensor dequantize_cpu(const at::Tensor& codes_, const at::Tensor& scales_, c
   const int32_t* zp = zeros.const_data_ptr<int32_t>();
   const uint8_t* cp = codes.const_data_ptr<uint8_t>();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_cpu", [&] {
+  LOWBIT_DISPATCH_FLOATS(dtype, "dequantize_cpu", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
     at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {
         const int64_t row = i / g, k0 = (i % g) * group_size;
         const int64_t len = std::min(k, k0 + group_size) - k0;
-        const uint8_t* src = cp + row * k + k0;
-        scalar_t* dst = op_ + row * k + k0;
         const float s = sp[i], z = static_cast<float>(zp[i]);
-        for (int64_t j = 0; j < len; ++j) {
-          dst[j] = from_f32<scalar_t>((static_cast<float>(src[j]) - z) * s);
+        float buf[kBlock];
+        for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
+          const int64_t m = std::min(kBlock, len - b0);
+          const uint8_t* src = cp + row * k + k0 + b0;
+          for (int64_t j = 0; j < m; ++j) buf[j] = (static_cast<float>(src[j]) - z) * s;
+          store_f32(buf, op_ + row * k + k0 + b0, m);
         }
       }
     });

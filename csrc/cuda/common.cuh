@@ -17,20 +17,13 @@
 #include <cstdint>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 
 // Fast math flushes denormals to zero and swaps IEEE division for an approximation:
 // codes would stop matching the reference.
 #if defined(__CUDA_ARCH__) && defined(__USE_FAST_MATH__)
 #error "lowbit's CUDA kernels need IEEE float32 arithmetic: do not build them with --use_fast_math"
 #endif
-
-// Floating dtypes of the kernels (float32, float16, bfloat16): the checks reject the
-// rest, so double is left out of the switch rather than compiled for nothing.
-#define LOWBIT_DISPATCH_FLOATS(TYPE, NAME, ...)                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                 \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)   \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace lowbit::cuda {
 

@@ -42,6 +42,21 @@ def test_saturates_and_keeps_nan(device, fp8):
     assert torch.isnan(q[0, 4]) and q[0, 5] == 1.0
 
 
+@pytest.mark.parametrize("fp8", FP8_DTYPES)
+def test_every_rounding_boundary(device, fp8):
+    # Every finite FP8 value, the midpoints between neighbours (ties, which round to the
+    # even code), and the float32 values one ulp either side of each: the cases a
+    # hand-written encoder gets wrong. Subnormals and the maximum included.
+    values = torch.arange(256, dtype=torch.uint8).view(fp8).float()
+    values = values[torch.isfinite(values)].unique()
+    mids = (values[1:] + values[:-1]) / 2
+    pts = torch.cat([values, mids])
+    x = torch.cat([pts, torch.nextafter(pts, pts + 1), torch.nextafter(pts, pts - 1), -pts])
+    x = x.reshape(1, -1).to(device)
+    one = torch.tensor(1.0, device=device)
+    assert bits_equal(ops.quantize_fp8(x, one, fp8), ref.quantize_fp8(x, one, fp8))
+
+
 def test_noncontiguous(device):
     x = torch.randn(40, 24, device=device).t()
     s = torch.rand(24, 1, device=device)
