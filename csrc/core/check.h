@@ -103,14 +103,20 @@ inline int64_t leading_rows(const at::Tensor& x) {
   return rows;
 }
 
+// Shape of a per-row scale for x [..., K]: x.shape[:-1] + (1,).
+inline std::vector<int64_t> row_scale_shape(const at::Tensor& x) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = 1;
+  return s;
+}
+
 // A static scale for x [..., K]: one value (per-tensor) or one per row, of shape
 // x.shape[:-1] + (1,) or [rows]. Returns true when it is per-row.
 inline bool check_row_scale(const char* op, const at::Tensor& x, const at::Tensor& scale) {
   check_dtype(op, "scale", scale, at::kFloat);
   check_same_device(op, "scale", scale, "x", x);
   if (scale.numel() == 1) return false;
-  std::vector<int64_t> row_shape(x.sizes().begin(), x.sizes().end());
-  row_shape.back() = 1;
+  const std::vector<int64_t> row_shape = row_scale_shape(x);
   const bool ok = scale.sizes() == at::IntArrayRef(row_shape) ||
                   (scale.dim() == 1 && scale.size(0) == leading_rows(x));
   LOWBIT_CHECK(ok, op, "argument 'scale' must hold one value (per-tensor) or one per row, shape ",

@@ -19,10 +19,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
   check_min_dim(op, "x", x_, 1);
   const at::Tensor x = x_.contiguous();
   const int64_t k = x.size(-1), rows = leading_rows(x);
-  std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
-  scale_shape.back() = 1;
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  at::Tensor scales = at::empty(row_scale_shape(x), x.options().dtype(at::kFloat));
   int8_t* cp = codes.data_ptr<int8_t>();
   float* sp = scales.data_ptr<float>();
   FirstBad bad;

@@ -37,22 +37,6 @@ inline void quantize_row(const T* src, F8* dst_, int64_t len, float s) {
   }
 }
 
-template <typename Fn>
-void dispatch_fp8(at::ScalarType dtype, Fn&& fn) {
-  if (dtype == at::ScalarType::Float8_e4m3fn) {
-    fn(c10::Float8_e4m3fn());
-  } else {
-    fn(c10::Float8_e5m2());
-  }
-}
-
-// Shape of a per-row scale for x [..., K]: x.shape[:-1] + (1,).
-std::vector<int64_t> row_scale_shape(const at::Tensor& x) {
-  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
-  s.back() = 1;
-  return s;
-}
-
 at::Tensor quantize_fp8_cpu(const at::Tensor& x_, const at::Tensor& scale_, at::ScalarType dtype) {
   constexpr const char* op = "quantize_fp8";
   check_float(op, "x", x_);

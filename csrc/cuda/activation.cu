@@ -35,10 +35,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cuda(const at::Tensor
   const c10::cuda::CUDAGuard guard(x_.device());
   const at::Tensor x = x_.contiguous();
   const int64_t k = x.size(-1), rows = leading_rows(x);
-  std::vector<int64_t> scale_shape(x.sizes().begin(), x.sizes().end());
-  scale_shape.back() = 1;
   at::Tensor codes = at::empty(x.sizes(), x.options().dtype(at::kChar));
-  at::Tensor scales = at::empty(scale_shape, x.options().dtype(at::kFloat));
+  at::Tensor scales = at::empty(row_scale_shape(x), x.options().dtype(at::kFloat));
   if (rows == 0) return {codes, scales};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor flags = new_flags(x, 1, stream);

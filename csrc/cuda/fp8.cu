@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/dispatch.h"
 #include "cuda/common.cuh"
 
 namespace lowbit::cuda {
@@ -35,21 +36,6 @@ struct Fp8Quant {
     return F8(v);
   }
 };
-
-template <typename Fn>
-void dispatch_fp8(at::ScalarType dtype, Fn&& fn) {
-  if (dtype == at::ScalarType::Float8_e4m3fn) {
-    fn(c10::Float8_e4m3fn());
-  } else {
-    fn(c10::Float8_e5m2());
-  }
-}
-
-std::vector<int64_t> row_scale_shape(const at::Tensor& x) {
-  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
-  s.back() = 1;
-  return s;
-}
 
 // Flat x split into rows of row_len elements, scale[row] each: row_len = K for per-row
 // scales, row_len = numel for one per-tensor scale.
