@@ -32,12 +32,17 @@ fi
 PY=.venv/bin/python
 pip_args=(--disable-pip-version-check -q)
 if [ -d .wheelhouse ]; then
-  pip_args+=(--find-links .wheelhouse)
+  # A machine with a wheelhouse has no index: do not wait on one.
+  pip_args+=(--no-index --find-links .wheelhouse)
 fi
 pip_install() { "$PY" -m pip install "${pip_args[@]}" "$@"; }
 
 if "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: using torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  if [ -e /dev/nvidia0 ] && [ "$("$PY" -c 'import torch; print(torch.version.cuda or "")')" = "" ]; then
+    echo "setup: warning: this machine has an NVIDIA GPU but .venv's torch is a CPU build, so" \
+         "lowbit builds without CUDA; remove .venv to use the system's CUDA torch" >&2
+  fi
 else
   echo "setup: installing ${LOWBIT_TORCH:-torch==2.13.0}"
   pip_install "${LOWBIT_TORCH:-torch==2.13.0}"
@@ -46,7 +51,12 @@ fi
 # Build tools and runtime dependencies, only those missing (offline machines may have them).
 need=()
 "$PY" -c "import scikit_build_core" 2>/dev/null || need+=("scikit-build-core>=0.10")
-command -v cmake >/dev/null 2>&1 || "$PY" -c "import cmake" 2>/dev/null || need+=("cmake>=3.21")
+cmake_ok() {   # cmake on PATH (the venv's first) and >= 3.21
+  local v
+  v=$(PATH="$PWD/.venv/bin:$PATH" cmake --version 2>/dev/null | head -n1 | grep -oE '[0-9]+\.[0-9]+' | head -n1) || return 1
+  [ -n "$v" ] && [ "$(printf '%s\n3.21\n' "$v" | sort -V | head -n1)" = "3.21" ]
+}
+cmake_ok || need+=("cmake>=3.21")
 command -v ninja >/dev/null 2>&1 || "$PY" -c "import ninja" 2>/dev/null || need+=("ninja")
 for mod in numpy safetensors tqdm; do
   "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")

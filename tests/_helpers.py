@@ -68,3 +68,12 @@ def stories260k_linear_weights() -> dict:
 
     sd = load_file(str(shared_data("models", "stories260K", "hf", "model.safetensors")))
     return {k: v for k, v in sd.items() if v.dim() == 2 and "embed" not in k and "lm_head" not in k}
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t, contiguous but one element past an aligned address: kernels that load
+    16-byte vectors must notice and take their unaligned path."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out

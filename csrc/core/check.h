@@ -75,7 +75,8 @@ inline void check_same_device(const char* op, const char* arg, const at::Tensor&
                " but '", ref_arg, "' is on ", ref.device(), "; move them to one device");
 }
 
-inline int64_t num_groups(int64_t k, int64_t group_size) { return (k + group_size - 1) / group_size; }
+// Written so that a huge group_size cannot overflow (the fake kernels use Python ints).
+inline int64_t num_groups(int64_t k, int64_t group_size) { return k == 0 ? 0 : (k - 1) / group_size + 1; }
 
 inline int64_t packed_rows(int64_t rows, int64_t bits) { return (rows * bits + 31) / 32; }
 

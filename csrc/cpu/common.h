@@ -105,6 +105,13 @@ struct RangeAcc {
       add(as_f32(p + b, buf, m), m);
     }
   }
+  void merge(const RangeAcc& o) {
+    for (int j = 0; j < kLanes; ++j) {
+      hi[j] = o.hi[j] > hi[j] ? o.hi[j] : hi[j];
+      lo[j] = o.lo[j] < lo[j] ? o.lo[j] : lo[j];
+      poison[j] += o.poison[j];
+    }
+  }
   float max() const {
     float r = 0.f;
     for (int j = 0; j < kLanes; ++j) r = hi[j] > r ? hi[j] : r;
@@ -123,6 +130,28 @@ struct RangeAcc {
     float acc = 0.f;
     for (int j = 0; j < kLanes; ++j) acc += poison[j];
     return acc == 0.f;
+  }
+};
+
+// Parallel work over a grid of groups [N, G] along K: each group is cut into tiles of
+// at most kTile columns, so a few huge groups (per-tensor: one group of N * K) still
+// spread across threads. Item i is tile i % tiles of group i / tiles.
+struct GroupTiles {
+  static constexpr int64_t kTile = 16384;
+  int64_t k, g, group_size, tiles;
+  GroupTiles(int64_t k_, int64_t group_size_)
+      : k(k_), g(num_groups(k_, group_size_)), group_size(group_size_),
+        tiles((std::min(group_size_, std::max<int64_t>(k_, 1)) + kTile - 1) / kTile) {}
+  int64_t items(int64_t n) const { return n * g * tiles; }
+  int64_t grain() const { return grain_for(std::min({group_size, k, kTile})); }
+  // Group (row * g + group) of item i, and the columns [k0, k0 + len) it covers (len may
+  // be <= 0 for a tile past the end of a ragged last group).
+  int64_t group(int64_t i) const { return i / tiles; }
+  int64_t begin(int64_t i) const { return (group(i) % g) * group_size + (i % tiles) * kTile; }
+  int64_t length(int64_t i) const {
+    const int64_t k0 = begin(i);
+    const int64_t group_end = std::min(k, (group(i) % g + 1) * group_size);
+    return std::min(group_end, k0 + kTile) - k0;
   }
 };
 

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <vector>
 
 #include "core/check.h"
 #include "core/dispatch.h"
@@ -34,30 +35,51 @@ std::tuple<at::Tensor, at::Tensor> quant_params_cpu(const at::Tensor& w_, int64_
   const int32_t sym_zero = 1 << (bits - 1);
   FirstBad bad;
 
+  const GroupTiles tiles(k, group_size);
+  auto params = [&](int64_t i, const RangeAcc& r) {
+    if (!r.finite()) bad.flag(i / g);
+    float scale;
+    int32_t zero;
+    if (symmetric) {
+      scale = (r.absmax() * clip) / qmax;
+      if (scale == 0.f) scale = 1.f;
+      zero = sym_zero;
+    } else {
+      const float hi = r.max() * clip, lo = r.min() * clip;
+      scale = (hi - lo) / maxq;
+      if (scale == 0.f) scale = 1.f;
+      zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / scale), 0.f), maxq));
+    }
+    sp[i] = scale;
+    zp[i] = zero;
+  };
+
   LOWBIT_DISPATCH_FLOATS(w.scalar_type(), "quant_params_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t row = i / g, k0 = (i % g) * group_size;
-        RangeAcc r;
-        r.add(wp + row * k + k0, std::min(k, k0 + group_size) - k0);
-        if (!r.finite()) bad.flag(row);
-        float scale;
-        int32_t zero;
-        if (symmetric) {
-          scale = (r.absmax() * clip) / qmax;
-          if (scale == 0.f) scale = 1.f;
-          zero = sym_zero;
-        } else {
-          const float hi = r.max() * clip, lo = r.min() * clip;
-          scale = (hi - lo) / maxq;
-          if (scale == 0.f) scale = 1.f;
-          zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / scale), 0.f), maxq));
+    auto range_of = [&](int64_t item, RangeAcc& r) {
+      const int64_t len = tiles.length(item);
+      if (len > 0) r.add(wp + (tiles.group(item) / g) * k + tiles.begin(item), len);
+    };
+    if (tiles.tiles == 1) {
+      at::parallel_for(0, n * g, tiles.grain(), [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          RangeAcc r;
+          range_of(i, r);
+          params(i, r);
         }
-        sp[i] = scale;
-        zp[i] = zero;
+      });
+    } else {
+      // Groups longer than a tile: ranges per tile in parallel, then merged per group
+      // (max and min are exact in any order; the NaN check only needs every tile).
+      std::vector<RangeAcc> parts(tiles.items(n));
+      at::parallel_for(0, tiles.items(n), 1, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) range_of(i, parts[i]);
+      });
+      for (int64_t i = 0; i < n * g; ++i) {
+        for (int64_t t = 1; t < tiles.tiles; ++t) parts[i * tiles.tiles].merge(parts[i * tiles.tiles + t]);
+        params(i, parts[i * tiles.tiles]);
       }
-    });
+    }
   });
   LOWBIT_CHECK(bad.get() < 0, op, "argument 'w' holds NaN or Inf (row ", bad.get(),
                "), which would poison the scales; clean the weight first");
@@ -94,19 +116,22 @@ at::Tensor quantize_cpu(const at::Tensor& w_, const at::Tensor& scales_, const a
   const float maxq = static_cast<float>((1 << bits) - 1);
   FirstBad bad;
 
+  const GroupTiles tiles(k, group_size);
+
   LOWBIT_DISPATCH_FLOATS(w.scalar_type(), "quantize_cpu", [&] {
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, tiles.items(n), tiles.grain(), [&](int64_t b, int64_t e) {
+      float buf[kBlock];
       for (int64_t i = b; i < e; ++i) {
-        const int64_t row = i / g, k0 = (i % g) * group_size;
-        const int64_t len = std::min(k, k0 + group_size) - k0;
-        const float s = sp[i], z = static_cast<float>(zp[i]);
-        float buf[kBlock];
+        const int64_t len = tiles.length(i);
+        if (len <= 0) continue;
+        const int64_t grp = tiles.group(i), row = grp / g, off = row * k + tiles.begin(i);
+        const float s = sp[grp], z = static_cast<float>(zp[grp]);
         RangeAcc seen;
         for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
           const int64_t m = std::min(kBlock, len - b0);
-          const float* f = as_f32(wp + row * k + k0 + b0, buf, m);
-          uint8_t* dst = cp + row * k + k0 + b0;
+          const float* f = as_f32(wp + off + b0, buf, m);
+          uint8_t* dst = cp + off + b0;
           for (int64_t j = 0; j < m; ++j) {
             float q = std::nearbyint(f[j] / s) + z;
             q = q < 0.f ? 0.f : q;
@@ -139,19 +164,22 @@ at::Tensor dequantize_cpu(const at::Tensor& codes_, const at::Tensor& scales_, c
   const int32_t* zp = zeros.const_data_ptr<int32_t>();
   const uint8_t* cp = codes.const_data_ptr<uint8_t>();
 
+  const GroupTiles tiles(k, group_size);
+
   LOWBIT_DISPATCH_FLOATS(dtype, "dequantize_cpu", [&] {
     scalar_t* op_ = out.data_ptr<scalar_t>();
-    at::parallel_for(0, n * g, grain_for(std::min(group_size, k)), [&](int64_t b, int64_t e) {
+    at::parallel_for(0, tiles.items(n), tiles.grain(), [&](int64_t b, int64_t e) {
+      float buf[kBlock];
       for (int64_t i = b; i < e; ++i) {
-        const int64_t row = i / g, k0 = (i % g) * group_size;
-        const int64_t len = std::min(k, k0 + group_size) - k0;
-        const float s = sp[i], z = static_cast<float>(zp[i]);
-        float buf[kBlock];
+        const int64_t len = tiles.length(i);
+        if (len <= 0) continue;
+        const int64_t grp = tiles.group(i), off = (grp / g) * k + tiles.begin(i);
+        const float s = sp[grp], z = static_cast<float>(zp[grp]);
         for (int64_t b0 = 0; b0 < len; b0 += kBlock) {
           const int64_t m = std::min(kBlock, len - b0);
-          const uint8_t* src = cp + row * k + k0 + b0;
+          const uint8_t* src = cp + off + b0;
           for (int64_t j = 0; j < m; ++j) buf[j] = (static_cast<float>(src[j]) - z) * s;
-          store_f32(buf, op_ + row * k + k0 + b0, m);
+          store_f32(buf, op_ + off + b0, m);
         }
       }
     });

@@ -219,7 +219,7 @@ dequantize_fp8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ s
 at::Tensor dequantize_fp8_cuda(const at::Tensor& q_, const at::Tensor& scale_, at::ScalarType dtype) {
   constexpr const char* op = "dequantize_fp8";
   LOWBIT_CHECK_TYPE(is_fp8_dtype(q_.scalar_type()), op,
-                    "argument 'q' must be torch.float8_e4m3fn or torch.float8_e5m2, got ", q_.scalar_type());
+                    "argument 'q' must be torch.float8_e4m3fn or torch.float8_e5m2, got ", dtype_name(q_.scalar_type()));
   check_min_dim(op, "q", q_, 1);
   check_float_dtype_arg(op, "dtype", dtype);
   const bool per_row = check_row_scale(op, q_, scale_);

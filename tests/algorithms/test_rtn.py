@@ -69,3 +69,4 @@ def test_devices_agree_bit_for_bit(weights):
         a = lowbit.rtn_quantize(w, 4, 32, False)
         b = lowbit.rtn_quantize(w.cuda(), 4, 32, False)
         assert torch.equal(a.codes, b.codes.cpu()) and torch.equal(a.scales, b.scales.cpu())
+        assert torch.equal(a.zeros, b.zeros.cpu())

@@ -33,9 +33,9 @@ def test_gptq_three_bit_straddle(device):
     # 32 three-bit codes fill three words; codes 10 and 21 straddle word boundaries.
     codes = torch.zeros(32, 1, dtype=torch.uint8, device=device)
     codes[10] = 0b101   # low two bits end word 0, the high bit starts word 1
-    codes[21] = 0b110   # the low bit ends word 1, the high two bits start word 2
+    codes[21] = 0b111   # the low bit ends word 1, the high two bits start word 2
     w = [int(x) & 0xFFFFFFFF for x in ops.pack_int32(codes, 3)[:, 0].tolist()]
-    assert w[0] == 0b01 << 30 and w[1] == (1 | 0 << 31) and w[2] == 0b11
+    assert w[0] == 0b01 << 30 and w[1] == (1 | 1 << 31) and w[2] == 0b11
 
 
 def test_opcheck(device):
@@ -54,3 +54,5 @@ def test_code_out_of_range(device):
     codes = torch.randint(0, 16, (16, 4), dtype=torch.uint8, device=device)
     codes[9, 2] = 16
     raises(ValueError, r"'codes' holds a value >= 2\*\*bits = 16 \(row 9\)", ops.pack_int32, codes, 4)
+    # The transposed (column-major) path, GPTQ's qweight, checks too.
+    raises(ValueError, r"'codes' holds a value >= 2\*\*bits = 16 \(row 2\)", ops.pack_int32, codes.t(), 4)

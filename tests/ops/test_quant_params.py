@@ -4,7 +4,7 @@ import torch
 from torch.library import opcheck
 
 from lowbit import ops, reference as ref
-from _helpers import FLOAT_DTYPES, GROUP_SIZES, WEIGHT_SHAPES, random_weight, raises
+from _helpers import FLOAT_DTYPES, GROUP_SIZES, WEIGHT_SHAPES, misaligned, random_weight, raises
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -65,3 +65,23 @@ def test_nonfinite_weight_is_an_error(device, bad):
     w = torch.randn(5, 64, device=device, dtype=torch.float16)
     w[3, 17] = bad
     raises(ValueError, r"'w' holds NaN or Inf \(row 3\)", ops.quant_params, w, 4, 32)
+
+
+@pytest.mark.parametrize("shape,group_size", [((3, 40000), 17000), ((2, 50000), 50000), ((1, 70001), 70001)])
+def test_long_groups_split_across_threads(device, shape, group_size):
+    # Groups longer than the CPU kernels' 16384-column tiles are reduced tile by tile, in
+    # parallel, then merged: ragged last groups leave empty tiles; per-tensor is one such group.
+    w = random_weight(*shape, torch.bfloat16, device)
+    for symmetric in (True, False):
+        s, z = ops.quant_params(w, 4, group_size, symmetric)
+        rs, rz = ref.quant_params(w, 4, group_size, symmetric)
+        assert torch.equal(s, rs) and torch.equal(z, rz)
+    w[-1, -1] = float("nan")   # in the last tile of the last group
+    raises(ValueError, rf"'w' holds NaN or Inf \(row {shape[0] - 1}\)", ops.quant_params, w, 4, group_size)
+
+
+def test_misaligned_input(device):
+    w = misaligned(random_weight(5, 72, torch.bfloat16, device))
+    s, z = ops.quant_params(w, 3, 24, False)
+    rs, rz = ref.quant_params(w, 3, 24, False)
+    assert torch.equal(s, rs) and torch.equal(z, rz)

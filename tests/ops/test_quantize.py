@@ -4,7 +4,7 @@ import torch
 from torch.library import opcheck
 
 from lowbit import ops, reference as ref
-from _helpers import FLOAT_DTYPES, GROUP_SIZES, WEIGHT_SHAPES, random_weight, raises
+from _helpers import FLOAT_DTYPES, GROUP_SIZES, WEIGHT_SHAPES, misaligned, random_weight, raises
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -80,3 +80,18 @@ def test_bad_values(device):
     raises(ValueError, "'scales' must be positive and finite", ops.quantize, w, bad, z, 4, 32)
     w[1, 40] = float("nan")
     raises(ValueError, r"'w' holds NaN or Inf \(row 1\)", ops.quantize, w, s, z, 4, 32)
+
+
+@pytest.mark.parametrize("shape,group_size", [((3, 40000), 17000), ((1, 70001), 70001)])
+def test_long_groups(device, shape, group_size):
+    w = random_weight(*shape, torch.float16, device)
+    s, z = ref.quant_params(w, 8, group_size, False)
+    assert torch.equal(ops.quantize(w, s, z, 8, group_size), ref.quantize(w, s, z, 8, group_size))
+    w[0, 20000] = float("inf")
+    raises(ValueError, r"'w' holds NaN or Inf \(row 0\)", ops.quantize, w, s, z, 8, group_size)
+
+
+def test_misaligned_input(device):
+    w = misaligned(random_weight(5, 72, torch.float16, device))
+    s, z = ref.quant_params(w, 4, 24, False)
+    assert torch.equal(ops.quantize(w, s, z, 4, 24), ref.quantize(w, s, z, 4, 24))

@@ -4,7 +4,7 @@ import torch
 from torch.library import opcheck
 
 from lowbit import ops, reference as ref
-from _helpers import FLOAT_DTYPES, FP8_DTYPES, bits_equal, raises
+from _helpers import FLOAT_DTYPES, FP8_DTYPES, bits_equal, misaligned, raises
 
 X_SHAPES = [(1,), (1, 1), (0, 8), (4, 0), (7, 37), (2, 3, 50), (130, 64)]
 
@@ -81,3 +81,9 @@ def test_bad_input(check_device):
     raises(ValueError, r"'scale' must hold one value \(per-tensor\) or one per row", f, x, s[:3],
            torch.float8_e4m3fn)
     raises(ValueError, "'x' must have at least 1 dimension", f, x[0, 0], s[0, 0], torch.float8_e4m3fn)
+
+
+def test_misaligned_input(device):
+    x = misaligned(torch.randn(6, 64, device=device, dtype=torch.bfloat16) * 100)
+    s = torch.rand(6, 1, device=device)
+    assert bits_equal(ops.quantize_fp8(x, s, torch.float8_e4m3fn), ref.quantize_fp8(x, s, torch.float8_e4m3fn))

@@ -4,12 +4,12 @@ import torch
 from torch.library import opcheck
 
 from lowbit import ops, reference as ref
-from _helpers import FLOAT_DTYPES, FP8_DTYPES, bits_equal, raises
+from _helpers import FLOAT_DTYPES, FP8_DTYPES, bits_equal, misaligned, raises
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("fp8", FP8_DTYPES)
-@pytest.mark.parametrize("shape", [(1,), (1, 1), (0, 8), (4, 0), (7, 37), (2, 3, 50), (300, 129)])
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (0, 8), (4, 0), (7, 37), (2, 3, 50), (300, 129), (3, 2100)])
 @pytest.mark.parametrize("per_row", [True, False])
 def test_matches_reference(device, dtype, fp8, shape, per_row):
     x = (torch.randn(shape) * torch.rand(*shape[:-1], 1) * 50).to(dtype=dtype, device=device)
@@ -56,3 +56,12 @@ def test_nonfinite_is_an_error(device, per_row):
     x = torch.randn(4, 16, device=device)
     x[2, 5] = float("inf")
     raises(ValueError, r"'x' holds NaN or Inf \(row 2\)", ops.quantize_fp8_dynamic, x, torch.float8_e4m3fn, per_row)
+
+
+@pytest.mark.parametrize("k", [64, 2048])
+def test_misaligned_input(device, k):
+    x = misaligned(torch.randn(5, k, device=device, dtype=torch.float16))
+    for per_row in (True, False):
+        q, s = ops.quantize_fp8_dynamic(x, torch.float8_e5m2, per_row)
+        rq, rs = ref.quantize_fp8_dynamic(x, torch.float8_e5m2, per_row)
+        assert torch.equal(s, rs) and bits_equal(q, rq)

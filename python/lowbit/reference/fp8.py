@@ -27,8 +27,11 @@ def fp8_max(dtype: torch.dtype) -> float:
 
 
 def _row_shaped(scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # A per-row scale may come as [rows]; view it as x.shape[:-1] + (1,) to broadcast.
-    if scale.numel() != 1 and scale.dim() == 1:
+    # One value is per-tensor, whatever its shape; a per-row scale may come as [rows]:
+    # view it as x.shape[:-1] + (1,) to broadcast.
+    if scale.numel() == 1:
+        return scale.reshape(())
+    if scale.dim() == 1:
         return scale.reshape(*x.shape[:-1], 1)
     return scale
 
