@@ -4,7 +4,7 @@
 # against that torch with --no-build-isolation. Pass --test to add the test tools.
 #
 #   scripts/setup.sh            # library only
-#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest
+#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, transformers, sentencepiece
 #
 # Environment: PYTHON (interpreter for the venv, default python3), LOWBIT_TORCH (torch
 # requirement when none is importable, default torch==2.13.0), LOWBIT_CPU_ARCH (see
@@ -62,9 +62,11 @@ for mod in numpy safetensors tqdm; do
   "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
 done
 if [ "$want_test" = 1 ]; then
-  for mod in pytest hypothesis expecttest; do
+  for mod in pytest hypothesis expecttest transformers sentencepiece; do
     "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
   done
+  # transformers reads sentencepiece tokenizers (stories260K's) through protobuf.
+  "$PY" -c "import google.protobuf" 2>/dev/null || need+=("protobuf")
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"

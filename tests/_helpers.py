@@ -77,3 +77,16 @@ def misaligned(t: torch.Tensor) -> torch.Tensor:
     out = buf[1:].view(t.shape)
     out.copy_(t)
     return out
+
+
+def stories260k():
+    """(model, tokenizer) of the real stories260K model, fp32 on the CPU, eval mode."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    path = str(shared_data("models", "stories260K", "hf"))
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, tok

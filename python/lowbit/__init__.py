@@ -14,10 +14,10 @@ from ._loader import load_extension
 
 build_info = load_extension()
 
-from . import ops, reference  # noqa: E402
+from . import data, eval, ops, reference  # noqa: E402,A004  (lowbit.eval.perplexity)
 from .algorithms.rtn import QuantizedWeight, rtn_quantize  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["ops", "reference", "rtn_quantize", "QuantizedWeight", "build_info", "__version__"]
+__all__ = ["ops", "reference", "data", "eval", "rtn_quantize", "QuantizedWeight", "build_info", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
