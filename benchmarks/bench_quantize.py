@@ -46,6 +46,7 @@ import torch
 import lowbit
 from lowbit import ops
 from lowbit import reference as ref
+from lowbit._report import format_table
 
 REPO = Path(__file__).resolve().parent.parent
 WEIGHT_SHAPES = [(4096, 4096), (11008, 4096)]
@@ -210,19 +211,6 @@ def _same(a, b) -> bool:
 
 
 # -- report ------------------------------------------------------------------------------
-
-def format_table(headers: list[str], rows: list[list], right: set[int]) -> str:
-    """Plain-text table; columns in ``right`` are right-aligned."""
-    cells = [[str(c) for c in r] for r in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
 
 def device_description(device: str) -> str:
     if device == "cuda":

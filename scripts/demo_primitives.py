@@ -115,19 +115,6 @@ def int_packed_bytes(qw, lowbit) -> int:
             + qzeros.numel() * qzeros.element_size())
 
 
-def format_table(headers: list[str], rows: list[list], right: set[int]) -> str:
-    """Plain-text table; columns in ``right`` are right-aligned."""
-    cells = [[str(c) for c in r] for r in [headers, *rows]]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-
-    def line(r):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-
-    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths),
-                      *(line(r) for r in cells[1:])])
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     model = args.model.resolve()
@@ -139,6 +126,7 @@ def main(argv=None) -> int:
         return 2
 
     import lowbit
+    from lowbit._report import format_table
     from lowbit import ops
 
     weights, skipped = load_linear_weights(model)

@@ -155,11 +155,5 @@ struct GroupTiles {
   }
 };
 
-template <typename T>
-inline bool all_finite(const T* p, int64_t len) {
-  RangeAcc r;
-  r.add(p, len);
-  return r.finite();
-}
 
 }  // namespace lowbit::cpu
