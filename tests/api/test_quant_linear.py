@@ -1,0 +1,124 @@
+"""lowbit.nn.QuantLinear: construction from a Linear, exact grid, forward against the
+dequantized-weight matmul, state_dict round trip, bad configurations."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import reference as ref
+from lowbit.nn import QuantLinear
+from _helpers import FLOAT_DTYPES, random_weight
+
+# (bits, group_size, symmetric) over every preset family; K=172 makes g32/g64/g128 ragged.
+SCHEMES = [(8, None, True), (4, 128, True), (4, 32, False), (4, None, False), (3, 64, False),
+           (2, 16, False), (5, 7, True), (6, 32, True), (7, 1, False)]
+
+
+def _linear(n, k, bias=True, dtype=torch.float32, device="cpu"):
+    lin = nn.Linear(k, n, bias=bias, dtype=dtype, device=device)
+    with torch.no_grad():
+        lin.weight.copy_(random_weight(n, k, dtype, device))
+        if bias:
+            lin.bias.normal_()
+    return lin
+
+
+@pytest.mark.parametrize("bits,group,sym", SCHEMES)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_from_linear_is_rtn_on_stored_scales(bits, group, sym, scale_dtype, device):
+    lin = _linear(48, 172, device=device)
+    q = QuantLinear.from_linear(lin, bits, group, sym, scale_dtype)
+    g = 172 if group is None else group
+    # The reference grid, with scales rounded to the stored dtype before the codes.
+    s, z = ref.quant_params(lin.weight.detach(), bits, g, sym)
+    s = s.to(scale_dtype)
+    codes = ref.quantize(lin.weight.detach(), s.float(), z, bits, g)
+    assert torch.equal(q.codes(), codes)
+    assert torch.equal(q.scales, s.t()) and torch.equal(q.zeros, z.t().to(torch.uint8))
+    assert torch.equal(q.dequantize(), ref.dequantize(codes, s.float(), z, g))
+    assert q.qweight.shape == (ref.packed_rows(172, bits), 48) and q.qweight.dtype == torch.int32
+    assert torch.equal(q.bias, lin.bias)
+    if scale_dtype == torch.float32:   # float32 scales: exactly lowbit.rtn_quantize
+        assert torch.equal(q.codes(), lowbit.rtn_quantize(lin.weight.detach(), bits, group, sym).codes)
+
+
+@pytest.mark.parametrize("bits,group,sym", SCHEMES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (5,), (2, 3), (0,), (70,)])
+def test_forward_matches_dequantized_matmul(bits, group, sym, dtype, shape, device):
+    lin = _linear(40, 172, dtype=dtype, device=device)
+    q = QuantLinear.from_linear(lin, bits, group, sym)
+    x = torch.randn(*shape, 172, dtype=dtype, device=device)
+    y = q(x)
+    assert y.shape == (*shape, 40) and y.dtype == dtype
+    w = q.dequantize(torch.float64)
+    want = x.double() @ w.t() + q.bias.double()
+    # fp32 accumulation over K=172 terms, then one rounding to the output dtype.
+    bound = (x.double().abs() @ w.abs().t() + q.bias.double().abs()) * 172 * 2**-24
+    if dtype != torch.float32:
+        bound = bound + want.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    assert ((y.double() - want).abs() <= bound + 1e-30).all()
+
+
+def test_no_bias_and_per_channel(device):
+    lin = _linear(16, 64, bias=False, device=device)
+    q = QuantLinear.from_linear(lin, 8, None, True)
+    assert q.bias is None and q.per_channel and q.group_size == 64 and q.scales.shape == (1, 16)
+    x = torch.randn(3, 64, device=device)
+    torch.testing.assert_close(q(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    assert "per-channel" in repr(q)
+
+
+def test_state_dict_round_trip(device):
+    lin = _linear(33, 100, device=device)
+    q = QuantLinear.from_linear(lin, 4, 32, False)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    fresh = QuantLinear(100, 33, bias=True, bits=4, group_size=32, symmetric=False, device=device)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    for name, t in q.state_dict().items():
+        assert torch.equal(t, fresh.state_dict()[name]), name
+    x = torch.randn(4, 100, device=device)
+    assert torch.equal(q(x), fresh(x))
+    assert set(q.state_dict()) == {"qweight", "scales", "zeros", "bias"}
+    # A layer built for another grid refuses the tensors.
+    other = QuantLinear(100, 33, bits=4, group_size=64, device=device)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        other.load_state_dict(q.state_dict())
+
+
+def test_nbytes():
+    q = QuantLinear.from_linear(_linear(64, 256), 4, 128, True)
+    # codes 4 bits, fp16 scale + uint8 zero per group of 128, fp32 bias
+    assert q.nbytes == 64 * 256 // 2 + 64 * 2 * (2 + 1) + 64 * 4
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(bits=4, group_size=128), "group_size 128 is larger than in_features 64"),
+    (dict(bits=9), "bits must be one of"), (dict(bits=1), "bits must be one of"),
+    (dict(group_size=0), "group_size must be a positive"),
+])
+def test_bad_configuration(kw, match):
+    lin = _linear(8, 64)
+    with pytest.raises(ValueError, match=match):
+        QuantLinear.from_linear(lin, **kw)
+    with pytest.raises(ValueError, match=match):
+        QuantLinear(64, 8, **kw)
+
+
+def test_scale_dtype_overflow_is_clear():
+    lin = _linear(4, 32)
+    with torch.no_grad():
+        lin.weight[0, 0] = 1e30
+    with pytest.raises(ValueError, match="use scale_dtype=torch.float32"):
+        QuantLinear.from_linear(lin, 4, 32, True, torch.float16)
+    QuantLinear.from_linear(lin, 4, 32, True, torch.float32)
+
+
+def test_from_codes_checks_shapes():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"scales and zeros must be \[8, 2\]"):
+        QuantLinear.from_codes(codes, torch.ones(8, 4), torch.zeros(8, 4, dtype=torch.int32), 4, 32)
