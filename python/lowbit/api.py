@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -120,7 +121,7 @@ def _validate(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
         raise ValueError(
             f"lowbit.quantize: layer '{name}' has in_features {k}, smaller than group_size "
             f"{scheme.group_size}; use a group size <= {k}, group_size=None (per-channel), or an "
-            f"override for this layer (QuantConfig(overrides={{'{name}': {{'group_size': None}}}}))")
+            f"override for this layer (QuantConfig(overrides={{{re.escape(name)!r}: {{'group_size': None}}}}))")
     if w.device.type == "meta":
         raise ValueError(f"lowbit.quantize: layer '{name}' has its weight on the meta device; "
                          "load the weights before quantizing")
@@ -168,7 +169,6 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-@torch.no_grad()
 def quantize(
     model: nn.Module,
     config: QuantConfig | str = "W4A16",
@@ -198,6 +198,11 @@ def quantize(
     Returns:
         A :class:`QuantReport` (``print(report)`` shows the per-layer table).
     """
+    with torch.no_grad():
+        return _quantize(model, config, method, calibration, report_rows, progress)
+
+
+def _quantize(model, config, method, calibration, report_rows, progress) -> QuantReport:
     if isinstance(config, str):
         config = QuantConfig.preset(config)
     if method not in METHODS:
@@ -206,12 +211,12 @@ def quantize(
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     for p in config.unmatched_patterns(linears):
         msg = f"lowbit.quantize: pattern {p!r} matches no nn.Linear layer of the model"
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
         log.warning(msg)
     chosen = {n: m for n, m in linears.items() if config.is_target(n, m)}
     if not chosen:
         msg = "lowbit.quantize: no layer selected; the model is unchanged"
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
         log.warning(msg)
     schemes = {n: config.scheme_for(n) for n in chosen}
     for n, m in chosen.items():

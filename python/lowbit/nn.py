@@ -85,8 +85,9 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of ``linear`` onto a grid (a new module; ``linear``
         is left as it is). ``scheme``, if given, replaces the grid arguments.
 
-        Scales are rounded to ``scale_dtype`` first and the codes computed against the
-        rounded scales, so the stored layer is exactly RTN on the grid it stores.
+        Scales are rounded to ``scale_dtype`` first (and raised to its smallest normal value,
+        6.1e-5 for float16, where a group of tiny weights would underflow), and the codes
+        computed against the stored scales, so the layer is exactly RTN on the grid it stores.
         """
         if scheme is None:
             scheme = QuantScheme(bits, group_size, symmetric, scale_dtype, clip_ratio)
@@ -98,10 +99,12 @@ class QuantLinear(nn.Module):
                 "use a group size <= in_features, or group_size=None for per-channel")
         g = k if scheme.group_size is None else scheme.group_size
         scales, zeros = ops.quant_params(w, scheme.bits, max(g, 1), scheme.symmetric, scheme.clip_ratio)
-        stored = scales.to(scheme.scale_dtype)
-        if not (torch.isfinite(stored).all() and (stored > 0).all()):
+        # Groups of tiny weights would underflow float16 scales; their smallest normal value
+        # keeps those groups' absolute error below tiny * qmax (6.1e-5 * 2**(bits-1) for fp16).
+        stored = scales.clamp(min=torch.finfo(scheme.scale_dtype).tiny).to(scheme.scale_dtype)
+        if not torch.isfinite(stored).all():
             raise ValueError(
-                f"QuantLinear.from_linear: a scale of this weight over/underflows {scheme.scale_dtype} "
+                f"QuantLinear.from_linear: a scale of this weight overflows {scheme.scale_dtype} "
                 f"(scales range {scales.min().item():.3g} .. {scales.max().item():.3g}); "
                 "use scale_dtype=torch.float32")
         codes = ops.quantize(w, stored.float(), zeros, scheme.bits, max(g, 1))

@@ -33,7 +33,7 @@ def test_from_linear_is_rtn_on_stored_scales(bits, group, sym, scale_dtype, devi
     g = 172 if group is None else group
     # The reference grid, with scales rounded to the stored dtype before the codes.
     s, z = ref.quant_params(lin.weight.detach(), bits, g, sym)
-    s = s.to(scale_dtype)
+    s = s.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
     codes = ref.quantize(lin.weight.detach(), s.float(), z, bits, g)
     assert torch.equal(q.codes(), codes)
     assert torch.equal(q.scales, s.t()) and torch.equal(q.zeros, z.t().to(torch.uint8))
@@ -53,7 +53,7 @@ def test_forward_matches_dequantized_matmul(bits, group, sym, dtype, shape, devi
     x = torch.randn(*shape, 172, dtype=dtype, device=device)
     y = q(x)
     assert y.shape == (*shape, 40) and y.dtype == dtype
-    w = q.dequantize(torch.float64)
+    w = q.dequantize(torch.float32).double()   # exact: (q - z) * s is representable
     want = x.double() @ w.t() + q.bias.double()
     # fp32 accumulation over K=172 terms, then one rounding to the output dtype.
     bound = (x.double().abs() @ w.abs().t() + q.bias.double().abs()) * 172 * 2**-24
@@ -107,6 +107,16 @@ def test_bad_configuration(kw, match):
         QuantLinear.from_linear(lin, **kw)
     with pytest.raises(ValueError, match=match):
         QuantLinear(64, 8, **kw)
+
+
+def test_tiny_groups_do_not_underflow_float16_scales():
+    lin = _linear(4, 64)
+    with torch.no_grad():
+        lin.weight[1] *= 1e-9
+    q = QuantLinear.from_linear(lin, 4, 32, True, torch.float16)
+    assert (q.scales > 0).all()
+    err = (q.dequantize() - lin.weight).abs()
+    assert err[1].max() <= lin.weight[1].abs().max() and err[0].max() <= q.scales[:, 0].max()
 
 
 def test_scale_dtype_overflow_is_clear():
