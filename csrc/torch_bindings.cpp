@@ -20,6 +20,10 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("dequantize_fp8(Tensor q, Tensor scale, ScalarType dtype) -> Tensor");
   // Dynamic per-token int8 activations (reference/activation.py).
   m.def("quantize_per_token_int8(Tensor x) -> (Tensor, Tensor)");
+  // Weight-only quantized linear y = x @ W^T + bias, W dequantized from a GPTQ qweight
+  // (reference/matmul.py). x float [..., K], qweight int32 [K * bits / 32, N], scales
+  // float [N, G], zeros int32 or uint8 [N, G], bias float [N]; y x.dtype [..., N].
+  m.def("weight_only_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, Tensor? bias=None) -> Tensor");
 }
 
 // A plain extension module: importing lowbit._C runs the static registrations above

@@ -16,6 +16,7 @@ from torch import Tensor
 __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
+    "weight_only_matmul",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -322,3 +323,80 @@ def _quantize_per_token_int8_fake(x):
     _check_float(op, "x", x)
     _check_min_dim(op, "x", x, 1)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(_row_scale_shape(x), dtype=torch.float32)
+
+
+# -- weight-only matmul ----------------------------------------------------------------
+
+def weight_only_matmul(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """A linear layer with a quantized weight: ``x @ W.t() + bias``, float32 accumulation.
+
+    ``W = (q - zero) * scale`` ``[N, K]`` is never stored: kernels read the packed codes.
+    Semantics (and the tolerance kernels meet): :mod:`lowbit.reference.matmul`.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``, any strides; ``M`` = product of the
+            leading dims (0 is allowed).
+        qweight: int32 ``[ceil(K * bits / 32), N]``, GPTQ's qweight:
+            ``pack_int32(q.t(), bits)`` for uint8 codes ``q`` ``[N, K]``.
+        scales: float32/float16/bfloat16 ``[N, G]``, ``G = ceil(K / group_size)``. Any
+            strides; the fast layout is ``scales.stride(0) == 1`` (the transpose of a
+            contiguous ``[G, N]``, as GPTQ stores them): other layouts are copied to it
+            on every call. Not checked for NaN, Inf or zero (the hot path reads them once).
+        zeros: int32 or uint8 ``[N, G]``, zero points; same layout rules as ``scales``.
+        bits: 2..8 (the CPU kernel reads 2, 4 and 8 bits directly; 3, 5, 6, 7 through
+            dequantized tiles).
+        group_size: columns per group along K (positive); ``>= K`` is per-channel; the last
+            group is ragged when it does not divide K.
+        bias: optional float ``[N]``.
+
+    Returns:
+        ``x.dtype`` ``[..., N]``, contiguous, rounded once from float32. NaN or Inf in ``x``
+        propagate (as NaN or Inf) like in any matmul; they are not errors.
+    """
+    return _lib.weight_only_matmul.default(x, qweight, scales, zeros, bits, group_size, bias)
+
+
+def _check_weight_only_matmul(op, x, qweight, scales, zeros, bits, group_size, bias):
+    # Mirrors csrc/core/matmul.h (check_weight_only_matmul), in the same order.
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    _check_dtype(op, "qweight", qweight, torch.int32)
+    _check_dim(op, "qweight", qweight, 2)
+    _check_float(op, "scales", scales)
+    torch._check_type(zeros.dtype in (torch.int32, torch.uint8), _msg(
+        op, f"argument 'zeros' must be torch.int32 or torch.uint8, got {zeros.dtype}"))
+    _check_bits(op, bits)
+    _check_group_size(op, group_size)
+    _check_same_device(op, "qweight", qweight, "x", x)
+    _check_same_device(op, "scales", scales, "x", x)
+    _check_same_device(op, "zeros", zeros, "x", x)
+    k, n = x.shape[-1], qweight.shape[1]
+    g = _num_groups(k, group_size)
+    torch._check_value(qweight.shape[0] == _packed_rows(k, bits), _msg(
+        op, f"argument 'qweight' must have {_packed_rows(k, bits)} rows of words for K={k} "
+        f"(the last dim of 'x') and bits={bits}, got shape {list(qweight.shape)}"))
+    torch._check_value(scales.dim() == 2 and scales.shape[0] == n and scales.shape[1] == g, _msg(
+        op, f"argument 'scales' must have shape [{n}, {g}] for 'qweight' of shape "
+        f"{list(qweight.shape)}, K={k} and group_size {group_size}, got {list(scales.shape)}"))
+    torch._check_value(zeros.shape == scales.shape, _msg(
+        op, f"argument 'zeros' must have the shape of 'scales' {list(scales.shape)}, "
+        f"got {list(zeros.shape)}"))
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        _check_same_device(op, "bias", bias, "x", x)
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == n, _msg(
+            op, f"argument 'bias' must have shape [{n}], got {list(bias.shape)}"))
+
+
+@torch.library.register_fake("lowbit::weight_only_matmul")
+def _weight_only_matmul_fake(x, qweight, scales, zeros, bits, group_size, bias=None):
+    _check_weight_only_matmul("weight_only_matmul", x, qweight, scales, zeros, bits, group_size, bias)
+    return x.new_empty(*x.shape[:-1], qweight.shape[1])
