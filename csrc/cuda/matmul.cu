@@ -28,6 +28,7 @@
 #include <optional>
 
 #include "core/check.h"
+#include "core/matmul.h"
 #include "cuda/common.cuh"
 
 // mm.dtype (float16/bfloat16 inputs, float32 output) is in torch >= 2.8.
@@ -431,50 +432,15 @@ void launch_finalize(const float* partial, int64_t splits, const Params& p, void
 
 // -- the op ---------------------------------------------------------------------------
 
-// The argument checks, in the order and words of the CPU kernel and the fake kernel
-// (python/lowbit/ops.py).
-void check_weight_only_matmul_args(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                                   const at::Tensor& zeros, int64_t bits, int64_t group_size,
-                                   const std::optional<at::Tensor>& bias) {
-  constexpr const char* op = "weight_only_matmul";
-  check_float(op, "x", x);
-  check_min_dim(op, "x", x, 1);
-  check_dtype(op, "qweight", qweight, at::kInt);
-  check_dim(op, "qweight", qweight, 2);
-  check_float(op, "scales", scales);
-  LOWBIT_CHECK_TYPE(zeros.scalar_type() == at::kInt || zeros.scalar_type() == at::kByte, op,
-                    "argument 'zeros' must be torch.int32 or torch.uint8, got ", dtype_name(zeros.scalar_type()));
-  check_bits(op, bits);
-  check_group_size(op, group_size);
-  check_same_device(op, "qweight", qweight, "x", x);
-  check_same_device(op, "scales", scales, "x", x);
-  check_same_device(op, "zeros", zeros, "x", x);
-  const int64_t k = x.size(-1), n = qweight.size(1), g = num_groups(k, group_size);
-  LOWBIT_CHECK(qweight.size(0) == packed_rows(k, bits), op, "argument 'qweight' must have ",
-               packed_rows(k, bits), " rows of words for K=", k, " (the last dim of 'x') and bits=", bits,
-               ", got shape ", qweight.sizes());
-  LOWBIT_CHECK(scales.dim() == 2 && scales.size(0) == n && scales.size(1) == g, op,
-               "argument 'scales' must have shape [", n, ", ", g, "] for 'qweight' of shape ", qweight.sizes(),
-               ", K=", k, " and group_size ", group_size, ", got ", scales.sizes());
-  LOWBIT_CHECK(zeros.sizes() == scales.sizes(), op, "argument 'zeros' must have the shape of 'scales' ",
-               scales.sizes(), ", got ", zeros.sizes());
-  if (bias.has_value()) {
-    check_float(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, "x", x);
-    LOWBIT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "argument 'bias' must have shape [", n,
-                 "], got ", bias->sizes());
-  }
-}
-
 at::Tensor weight_only_matmul_cuda(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                                    const at::Tensor& zeros, int64_t bits, int64_t group_size,
                                    const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "weight_only_matmul";
-  check_weight_only_matmul_args(x, qweight, scales, zeros, bits, group_size, bias);
+  const MatmulSizes sz = check_weight_only_matmul(x, qweight, scales, zeros, bits, group_size, bias);
   check_cuda(op, "x", x);
   const c10::cuda::CUDAGuard guard(x.device());
 
-  const int64_t k = x.size(-1), n = qweight.size(1), m = leading_rows(x);
+  const int64_t k = sz.k, n = sz.n, m = sz.m;
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   at::Tensor out = at::empty({m, n}, x.options());
