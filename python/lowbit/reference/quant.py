@@ -46,7 +46,8 @@ def num_groups(k: int, group_size: int) -> int:
 
 def expand_groups(t: torch.Tensor, k: int, group_size: int) -> torch.Tensor:
     """``[N, G]`` per-group values -> ``[N, K]``, column ``k`` taking group ``k // group_size``."""
-    return t.repeat_interleave(group_size, dim=1)[:, :k]
+    idx = torch.div(torch.arange(k, device=t.device), group_size, rounding_mode="floor")
+    return t[:, idx]
 
 
 def true_div(a: torch.Tensor, b: float) -> torch.Tensor:
