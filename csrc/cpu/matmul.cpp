@@ -2,20 +2,22 @@
 // read from a GPTQ qweight (semantics: python/lowbit/reference/matmul.py).
 //
 // Two paths:
-//  * direct (2, 4 and 8 bits with word-aligned groups, M below kBlasRows): the packed
+//  * direct (2, 4 and 8 bits with word-aligned groups, M below blas_rows()): the packed
 //    words are read in place, never dequantized to memory. A word of qweight [P, N] holds
 //    32 / bits consecutive k of one column n, so eight adjacent words are eight columns:
 //    one AVX2 register. Code j of a word is converted as float(word & (mask << bits*j)),
 //    which is code * 2^(bits*j) exactly, and x[k] is pre-scaled by 2^-(bits*j) (the top
-//    code is shifted down instead): one AND, one convert and one FMA per 8 multiply-adds.
+//    code is shifted down instead): one AND, one convert and one FMA per 8 multiply-adds,
+//    the products exact as with a shift (unless |x| < 2^-102, which turns subnormal).
 //    Each group is factored as scale * (sum_k x*q - zero * sum_k x), so scales and zeros
 //    are read once per tile of k, not per element. K is cut into tiles of kTileWords word
 //    rows (never across a group); a thread owns a range of columns and, for each tile,
-//    sweeps its columns left to right, so the tile's rows are read as kTileWords forward
-//    streams the hardware prefetcher follows; the float32 outputs stay in L1/L2.
-//  * BLAS (3, 5, 6, 7 bits, groups that split a word, or M >= kBlasRows): W is
-//    dequantized to float32 in tiles of columns [K, nb] and multiplied with at::mm, so
-//    prefill runs at BLAS speed.
+//    sweeps its columns in blocks of 8 * NC (64 at M = 1), prefetching the next block's
+//    words; MR rows of x share each converted code (register blocking). With few column
+//    blocks (small N) K is split across threads as well and the partial sums added.
+//  * BLAS (3, 5, 6, 7 bits, groups that split a word, or M >= blas_rows()): W is
+//    dequantized to float32 (the reference's values exactly) in tiles of columns [K, nb]
+//    and multiplied with at::mm, so prefill runs at BLAS speed.
 // Accumulation is float32 throughout; the output is rounded to x.dtype once, after the bias.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -35,9 +37,24 @@
 namespace lowbit::cpu {
 namespace {
 
-// Rows of x from which the BLAS path is faster than the direct one (measured with
-// benchmarks/bench_linear.py on Llama shapes).
-constexpr int64_t kBlasRows = 32;
+// Rows of x from which the BLAS path is faster than the direct one. The direct kernel is
+// AVX2; fp32 BLAS (MKL, oneDNN) runs twice as many FMAs per cycle with AVX-512, which
+// moves the crossover from about 32 rows to 16 (measured on Llama shapes, 2 threads,
+// with benchmarks/bench_linear.py's cases).
+int64_t blas_rows() {
+  static const int64_t rows = [] {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    return __builtin_cpu_supports("avx512f") ? int64_t{16} : int64_t{32};
+#else
+    return int64_t{32};
+#endif
+  }();
+  return rows;
+}
+// Floats per dequantized column tile of the BLAS path: 2 MiB while the matmul is short
+// (the tile is rewritten for every few rows of x, so it should stay in L2), 8 MiB for
+// long ones (wider tiles, BLAS closer to its peak). Measured: 4096x4096 and 11008x4096.
+int64_t blas_tile_floats(int64_t m) { return m < 128 ? (int64_t{1} << 19) : (int64_t{1} << 21); }
 // Word rows per tile of K in the direct path: the number of concurrent read streams.
 constexpr int64_t kTileWords = 16;
 
@@ -61,6 +78,13 @@ inline VF code_masked(VI w) {
 // float(w >> SH): the top code of a word.
 template <int SH>
 inline VF code_top(VI w) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(w, SH)); }
+// float((w >> SH) & MASK): a code as is.
+template <int SH, uint32_t MASK>
+inline VF code_at(VI w) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(w, SH), _mm256_set1_epi32(static_cast<int>(MASK))));
+}
+inline VF vsub(VF a, VF b) { return _mm256_sub_ps(a, b); }
+inline VF vmul(VF a, VF b) { return _mm256_mul_ps(a, b); }
 #else
 struct VF { float v[8]; };
 struct VI { uint32_t v[8]; };
@@ -83,6 +107,14 @@ inline VF code_top(VI w) {
   for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(static_cast<int32_t>(w.v[i] >> SH));
   return r;
 }
+template <int SH, uint32_t MASK>
+inline VF code_at(VI w) {
+  VF r;
+  for (int i = 0; i < 8; ++i) r.v[i] = static_cast<float>(static_cast<int32_t>((w.v[i] >> SH) & MASK));
+  return r;
+}
+inline VF vsub(VF a, VF b) { for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i]; return a; }
+inline VF vmul(VF a, VF b) { for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i]; return a; }
 #endif
 
 // -- direct path ----------------------------------------------------------------------
@@ -91,6 +123,12 @@ inline VF code_top(VI w) {
 template <int BITS, int J, int MR, int NC>
 inline void fma_code(const uint32_t* wp, const float* xp, int64_t ldx, VF (&acc)[MR][NC]) {
   constexpr int kPerWord = 32 / BITS;
+#if defined(__GNUC__)
+  // Hide wp's value from the optimiser: it would otherwise load each word once for all J
+  // and keep NC words in registers, spilling the accumulators. Reloading from L1 is free
+  // (the AND takes it as a memory operand).
+  asm volatile("" : "+r"(wp));
+#endif
   VF xb[MR];
   for (int r = 0; r < MR; ++r) xb[r] = vbcast(xp + r * ldx + J);
   for (int c = 0; c < NC; ++c) {
@@ -268,6 +306,18 @@ void run_direct(const Problem& pb, const scalar_t* xp, int64_t ldx_in, float* ou
             load_row_f32(pb.s, pb.s_type, tile.g * pb.lds + c0, cols, kNB, sf);
             load_row_f32(pb.z, pb.z_type, tile.g * pb.ldz + c0, cols, kNB, zf);
             const uint32_t* w = wrow + c0;
+#ifdef LOWBIT_X86_SIMD
+            if (blk + 1 < se && c0 + 2 * kNB <= n) {
+              // The next block's words of this tile into L2. Each row is a stream of short
+              // runs (4 * kNB bytes per block) that the hardware prefetcher follows late;
+              // one block ahead hides the memory latency (measured: -20% time when the
+              // weights come from DRAM, neutral when they are cached).
+              const char* nw = reinterpret_cast<const char*>(w + kNB);
+              for (int64_t p = 0; p < rows; ++p) {
+                for (int64_t off = 0; off < kNB * 4; off += 64) _mm_prefetch(nw + p * n * 4 + off, _MM_HINT_T1);
+              }
+            }
+#endif
             int64_t ldw = n;
             if (cols < kNB) {   // the ragged last block: a zero-padded copy
               for (int64_t p = 0; p < rows; ++p) {
@@ -303,45 +353,98 @@ void run_direct(const Problem& pb, const scalar_t* xp, int64_t ldx_in, float* ou
 
 // -- BLAS path ------------------------------------------------------------------------
 
-// out [M, N] float32 = x32 [M, K] @ W^T, W dequantized to float32 in tiles of columns
-// [K, nb] (about 4 MiB: L2-resident while BLAS reads it).
+// Word rows [p0, p1) of a column tile dequantized: dst[k][c] = (q - zero) * scale for the
+// 32 / BITS codes k of each word (k < K), c < cols; sf, zf: [G, ld] float32 per group.
+template <int BITS, int... J>
+void dequant_words(const uint32_t* qw, int64_t n, int64_t k, int64_t group_size, int64_t p0, int64_t p1,
+                   int64_t cols, const float* sf, const float* zf, int64_t ld, float* dst,
+                   std::integer_sequence<int, J...>) {
+  constexpr int kPerWord = 32 / BITS;
+  constexpr uint32_t kMask = (1u << BITS) - 1u;
+  const int64_t full = cols / 8 * 8;
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint32_t* w = qw + p * n;
+    const int64_t k0 = p * kPerWord;
+    if (k0 + kPerWord <= k) {
+      int64_t g[kPerWord];
+      for (int j = 0; j < kPerWord; ++j) g[j] = (k0 + j) / group_size;
+      for (int64_t c = 0; c < full; c += 8) {
+        const VI wv = iload(w + c);
+        ((vstore(dst + (k0 + J) * ld + c,
+                 vmul(vsub(code_at<BITS * J, kMask>(wv), vload(zf + g[J] * ld + c)), vload(sf + g[J] * ld + c)))),
+         ...);
+      }
+    }
+    for (int j = 0; j < kPerWord && k0 + j < k; ++j) {   // the tail columns; the last word's codes
+      const int64_t kk = k0 + j, g = kk / group_size;
+      const int64_t c0 = k0 + kPerWord <= k ? full : 0;
+      for (int64_t c = c0; c < cols; ++c) {
+        const float q = static_cast<float>(static_cast<int32_t>((w[c] >> (BITS * j)) & kMask));
+        dst[kk * ld + c] = (q - zf[g * ld + c]) * sf[g * ld + c];
+      }
+    }
+  }
+}
+
+// Rows [k0, k1) of a column tile for any bits (codes may straddle two words).
+void dequant_rows(const uint32_t* qw, int64_t n, int64_t bits, int64_t group_size, int64_t k0, int64_t k1,
+                  int64_t cols, const float* sf, const float* zf, int64_t ld, float* dst) {
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t kk = k0; kk < k1; ++kk) {
+    const int64_t g = kk / group_size, pos = kk * bits, wi = pos / 32, sh = pos % 32;
+    const uint32_t* w0 = qw + wi * n;
+    const float* s = sf + g * ld;
+    const float* z = zf + g * ld;
+    float* d = dst + kk * ld;
+    if (sh + bits <= 32) {
+      for (int64_t c = 0; c < cols; ++c) {
+        d[c] = (static_cast<float>(static_cast<int32_t>((w0[c] >> sh) & mask)) - z[c]) * s[c];
+      }
+    } else {
+      const uint32_t* w1 = w0 + n;
+      for (int64_t c = 0; c < cols; ++c) {
+        const uint32_t q = ((w0[c] >> sh) | (w1[c] << (32 - sh))) & mask;
+        d[c] = (static_cast<float>(static_cast<int32_t>(q)) - z[c]) * s[c];
+      }
+    }
+  }
+}
+
+// out [M, N] float32 = x32 [M, K] @ W^T: W dequantized to float32 (exactly the
+// reference's values) in tiles of columns [K, nb], each multiplied with at::mm.
 void run_blas(const Problem& pb, const at::Tensor& x32, const at::Tensor& out) {
-  const int64_t n = pb.n, k = pb.k, bits = pb.bits;
-  const int64_t nb = std::clamp<int64_t>(((int64_t{1} << 20) / std::max<int64_t>(k, 1) + 63) / 64 * 64, 64,
-                                         std::max<int64_t>(n, 1));
+  const int64_t n = pb.n, k = pb.k, g = pb.g, bits = pb.bits;
+  const int64_t nb = std::clamp<int64_t>((blas_tile_floats(pb.m) / std::max<int64_t>(k, 1) + 63) / 64 * 64, 64,
+                                         (n + 7) / 8 * 8);
   at::Tensor wt = at::empty({k, nb}, x32.options());
   float* wp = wt.data_ptr<float>();
-  const uint32_t mask = (1u << bits) - 1u;
+  std::vector<float> sf(g * nb), zf(g * nb);
+  const int64_t words = packed_rows(k, bits), per_word = 32 / bits;
   for (int64_t n0 = 0; n0 < n; n0 += nb) {
     const int64_t cols = std::min(nb, n - n0);
-    at::parallel_for(0, k, grain_for(cols), [&](int64_t b, int64_t e) {
-      std::vector<float> sf(cols), zf(cols);
-      int64_t cur_g = -1;
-      for (int64_t kk = b; kk < e; ++kk) {
-        const int64_t g = kk / pb.group_size;
-        if (g != cur_g) {
-          load_row_f32(pb.s, pb.s_type, g * pb.lds + n0, cols, cols, sf.data());
-          load_row_f32(pb.z, pb.z_type, g * pb.ldz + n0, cols, cols, zf.data());
-          cur_g = g;
-        }
-        const int64_t pos = kk * bits, wi = pos / 32, sh = pos % 32;
-        const uint32_t* w0 = pb.qw + wi * n + n0;
-        float* dst = wp + kk * nb;
-        const float* s = sf.data();
-        const float* z = zf.data();
-        if (sh + bits <= 32) {
-          for (int64_t c = 0; c < cols; ++c) {
-            dst[c] = (static_cast<float>(static_cast<int32_t>((w0[c] >> sh) & mask)) - z[c]) * s[c];
-          }
+    for (int64_t gi = 0; gi < g; ++gi) {
+      load_row_f32(pb.s, pb.s_type, gi * pb.lds + n0, cols, cols, sf.data() + gi * nb);
+      load_row_f32(pb.z, pb.z_type, gi * pb.ldz + n0, cols, cols, zf.data() + gi * nb);
+    }
+    const uint32_t* qw = pb.qw + n0;
+    if (bits == 2 || bits == 4 || bits == 8) {
+      at::parallel_for(0, words, grain_for(cols * per_word), [&](int64_t b, int64_t e) {
+        if (bits == 2) {
+          dequant_words<2>(qw, n, k, pb.group_size, b, e, cols, sf.data(), zf.data(), nb, wp,
+                           std::make_integer_sequence<int, 16>());
+        } else if (bits == 4) {
+          dequant_words<4>(qw, n, k, pb.group_size, b, e, cols, sf.data(), zf.data(), nb, wp,
+                           std::make_integer_sequence<int, 8>());
         } else {
-          const uint32_t* w1 = w0 + n;
-          for (int64_t c = 0; c < cols; ++c) {
-            const uint32_t q = ((w0[c] >> sh) | (w1[c] << (32 - sh))) & mask;
-            dst[c] = (static_cast<float>(static_cast<int32_t>(q)) - z[c]) * s[c];
-          }
+          dequant_words<8>(qw, n, k, pb.group_size, b, e, cols, sf.data(), zf.data(), nb, wp,
+                           std::make_integer_sequence<int, 4>());
         }
-      }
-    });
+      });
+    } else {
+      at::parallel_for(0, k, grain_for(cols), [&](int64_t b, int64_t e) {
+        dequant_rows(qw, n, bits, pb.group_size, b, e, cols, sf.data(), zf.data(), nb, wp);
+      });
+    }
     at::Tensor o = out.narrow(1, n0, cols);
     at::mm_out(o, x32, wt.narrow(1, 0, cols));
   }
@@ -402,7 +505,7 @@ at::Tensor weight_only_matmul_cpu(const at::Tensor& x_, const at::Tensor& qweigh
              s.size(0) > 1 ? s.stride(0) : 0, z.size(0) > 1 ? z.stride(0) : 0};
 
   const int64_t per_word = 32 / bits;
-  const bool direct = (bits == 2 || bits == 4 || bits == 8) && m < kBlasRows &&
+  const bool direct = (bits == 2 || bits == 4 || bits == 8) && m < blas_rows() &&
                       (sz.g <= 1 || group_size % per_word == 0);
   if (k == 0) {
     std::vector<float> zero(n, 0.f);
