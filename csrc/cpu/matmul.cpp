@@ -39,12 +39,13 @@ namespace {
 
 // Rows of x from which the BLAS path is faster than the direct one. The direct kernel is
 // AVX2; fp32 BLAS (MKL, oneDNN) runs twice as many FMAs per cycle with AVX-512, which
-// moves the crossover from about 32 rows to 16 (measured on Llama shapes, 2 threads,
-// with benchmarks/bench_linear.py's cases).
+// brings the crossover down to 16-20 rows (measured on a 2-core Xeon: 4096x4096 and
+// 11008x4096, int4 g128/g32 and int8, 2 threads); without it, 32 is an estimate from
+// the same measurements with BLAS at half the speed.
 int64_t blas_rows() {
   static const int64_t rows = [] {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    return __builtin_cpu_supports("avx512f") ? int64_t{16} : int64_t{32};
+    return __builtin_cpu_supports("avx512f") ? int64_t{20} : int64_t{32};
 #else
     return int64_t{32};
 #endif

@@ -83,9 +83,9 @@ def test_matches_reference(device, bits, group_size):
             _check(ops.weight_only_matmul(x, qweight, s, z, bits, gs), x, qweight, s, z, bits, gs)
 
 
-# M from the GEMV path (1, 2) through the small-M direct path to the BLAS path (from 16
+# M from the GEMV path (1, 2) through the small-M direct path to the BLAS path (from 20
 # rows on CPUs with AVX-512, 32 without: both thresholds are covered).
-@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 15, 16, 17, 31, 32, 65, 300])
+@pytest.mark.parametrize("m", [0, 1, 2, 3, 4, 5, 19, 20, 31, 32, 65, 300])
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (8, None), (2, 64), (4, 128), (3, 64)])
 def test_code_paths(device, m, bits, group_size):
     n, k = 129, 300
