@@ -239,3 +239,38 @@ def test_embedding_errors(minilm):
         lbeval.embedding_similarity(model, model, tok, [], progress=False)
     with pytest.raises(TypeError, match="sequence of strings"):
         lbeval.sentence_embeddings(model, tok, ["ok", 3], progress=False)
+
+
+# -- RTN on the real models, against their baselines ----------------------------------------
+# Measured 2026-11-25 with this code (CPU, fp32): SmolLM2, WikiText-2 test, first 4 windows
+# of 512 (baseline 31.0775): W8A16 30.985 (ratio 0.9970), W4A16 (g128 sym) 47.750 (1.5365),
+# W4A16-g32-asym 39.293 (1.2643). MiniLM on data.sentences(128), mean (min) cosine to the
+# baseline: W8A16 0.99955 (0.99911), W4A16-g32-asym 0.97364 (0.93543), W4A16 0.93606 (0.86251).
+# RTN is deterministic; bounds allow 2% on perplexity ratios and 0.002-0.005 on cosines for
+# summation-order differences between machines. The lower bounds make sure the 4-bit grids
+# really were applied. benchmarks/results/eval_models.json has the full-protocol figures.
+
+@pytest.mark.parametrize("scheme,lo,hi", [("W8A16", 0.98, 1.01), ("W4A16", 1.3, 1.5365 * 1.02),
+                                          ("W4A16-g32-asym", 1.1, 1.2643 * 1.02)])
+def test_smollm2_rtn_perplexity(smollm2, scheme, lo, hi):
+    import lowbit
+
+    model, tok, _ = smollm2
+    text = data.wikitext2_test_text(shared_data("text", "wikitext-2-raw", "wiki.test.raw"))
+    q = copy.deepcopy(model)
+    report = lowbit.quantize(q, scheme, progress=False)
+    assert len(report.layers) == 210 and "lm_head" not in [r.name for r in report.layers]
+    ppl = lbeval.perplexity(q, tok, text, seqlen=512, max_windows=4, batch_size=4, progress=False)
+    assert lo < ppl / 31.0775 < hi, f"{scheme}: perplexity {ppl:.3f}"
+
+
+@pytest.mark.parametrize("scheme,lo,hi", [("W8A16", 0.9985, 1.0), ("W4A16-g32-asym", 0.95, 0.978),
+                                          ("W4A16", 0.90, 0.941)])
+def test_minilm_rtn_similarity(minilm, scheme, lo, hi):
+    import lowbit
+
+    model, tok = minilm
+    q = copy.deepcopy(model)
+    lowbit.quantize(q, scheme, progress=False)
+    res = lbeval.embedding_similarity(model, q, tok, data.sentences(128), progress=False)
+    assert lo < res.mean < hi, f"{scheme}: mean cosine {res.mean:.5f}"
