@@ -67,7 +67,11 @@ def test_no_bias_and_per_channel(device):
     q = QuantLinear.from_linear(lin, 8, None, True)
     assert q.bias is None and q.per_channel and q.group_size == 64 and q.scales.shape == (1, 16)
     x = torch.randn(3, 64, device=device)
-    torch.testing.assert_close(q(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    w = q.dequantize().double()
+    # fp32 accumulation over K=64 terms: |error| <= K * 2**-24 * sum |x||w| (the weights'
+    # rows vary in scale by e^N(0,1), so a fixed atol would be flaky).
+    bound = (x.double().abs() @ w.abs().t()) * 64 * 2**-24
+    assert ((q(x).double() - x.double() @ w.t()).abs() <= bound).all()
     assert "per-channel" in repr(q)
 
 
