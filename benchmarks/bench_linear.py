@@ -57,7 +57,7 @@ from lowbit import reference as ref
 from lowbit._report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import Timer, copy_bandwidth, device_description, git_commit  # noqa: E402
+from bench_quantize import Timer, copy_bandwidth, device_description, git_commit, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # (N, K, layer): Llama-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up, down (its q/o are
@@ -109,17 +109,7 @@ class Bench:
         return max(1, min(self.args.max_copies, math.ceil(self.rotate_bytes / max(nbytes, 1))))
 
     def _once(self, fn, args) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn(*args)
-        return time.perf_counter() - t0
+        return time_once(fn, args, self.cuda)
 
     def time(self, fn, tensors: tuple, x, m: int, key=None, rotate: bool = True) -> dict:
         """Median seconds of fn(x, *tensors), the tensors rotated through copies at decode

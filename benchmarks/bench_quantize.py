@@ -58,6 +58,21 @@ N_COPIES = 3  # input copies rotated between calls
 
 # -- timing ------------------------------------------------------------------------------
 
+def time_once(fn, args, cuda: bool) -> float:
+    """Seconds of one call ``fn(*args)``: CUDA events on a GPU, perf_counter on the CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
 class Timer:
     """Median wall time of a call, on CPU or CUDA."""
 
@@ -70,17 +85,7 @@ class Timer:
             torch.cuda.synchronize()
 
     def _once(self, fn, args) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn(*args)
-        return time.perf_counter() - t0
+        return time_once(fn, args, self.cuda)
 
     def measure(self, fn, arg_sets: list) -> dict:
         """Time ``fn(*arg_sets[i % len(arg_sets)])``: median and fastest seconds, repeats
