@@ -120,14 +120,15 @@ def _validate(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
     if scheme.group_size is not None and scheme.group_size > k:
         raise ValueError(
             f"lowbit.quantize: layer '{name}' has in_features {k}, smaller than group_size "
-            f"{scheme.group_size}; use a group size <= {k}, group_size=None (per-channel), or an "
+            f"{scheme.group_size}; use a group size <= {k} (a preset suffix such as -g32, or -pc for "
+            f"per-channel: \"W4A16-g32\"), or an "
             f"override for this layer (QuantConfig(overrides={{{re.escape(name)!r}: {{'group_size': None}}}}))")
     if w.device.type == "meta":
         raise ValueError(f"lowbit.quantize: layer '{name}' has its weight on the meta device; "
                          "load the weights before quantizing")
-    if not w.dtype.is_floating_point or w.dtype.itemsize == 1:
+    if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"lowbit.quantize: layer '{name}' has a {w.dtype} weight; "
-                        "quantize a float32/float16/bfloat16 model")
+                        "quantize a float32/float16/bfloat16 model (model.to(torch.float32))")
     if not torch.isfinite(w).all():
         raise ValueError(f"lowbit.quantize: layer '{name}' has NaN or Inf in its weight; "
                          "the model is left unmodified")
@@ -152,10 +153,10 @@ def _capture_inputs(model: nn.Module, layers: dict[str, nn.Linear], calibration,
     for name, mod in layers.items():
         handles.append(mod.register_forward_pre_hook(hook(name)))
     try:
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
         if isinstance(calibration, dict):
-            model(**calibration)
+            model(**{k: v.to(dev) if torch.is_tensor(v) else v for k, v in calibration.items()})
         else:
-            dev = next((p.device for p in model.parameters()), torch.device("cpu"))
             model(calibration.to(dev))
     finally:
         for h in handles:

@@ -24,7 +24,7 @@ import torch
 from . import data
 from . import eval as lbeval
 from ._report import format_table
-from .api import QuantReport, model_bytes, quantize
+from .api import METHODS, QuantReport, model_bytes, quantize
 from .config import PRESETS, QuantConfig
 
 __all__ = ["main", "compare", "Row"]
@@ -64,10 +64,10 @@ def _load(name: str, dtype: torch.dtype):
     tok = transformers.AutoTokenizer.from_pretrained(str(path))
     cfg = transformers.AutoConfig.from_pretrained(str(path))
     if getattr(cfg, "is_encoder_decoder", False) or not any(a.endswith("ForCausalLM") for a in cfg.architectures or []):
-        model, kind = transformers.AutoModel.from_pretrained(str(path), dtype=dtype), "encoder"
+        model, kind = transformers.AutoModel.from_pretrained(str(path)), "encoder"
     else:
-        model, kind = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype), "causal-lm"
-    return model.eval(), tok, kind
+        model, kind = transformers.AutoModelForCausalLM.from_pretrained(str(path)), "causal-lm"
+    return model.to(dtype).eval(), tok, kind
 
 
 def _text(source: str) -> str:
@@ -91,7 +91,8 @@ def _calibration_text(eval_source: str) -> str:
 def decode_tokens_per_s(model, tokenizer, new_tokens: int = 32, prompt: str = "Once upon a time") -> float:
     """Greedy decode speed (tokens/s, batch 1) through ``model.generate``, after a warm-up."""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
-    kw = dict(do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kw = dict(do_sample=False, pad_token_id=pad)
     model.generate(ids, max_new_tokens=2, min_new_tokens=2, **kw)
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
@@ -136,7 +137,9 @@ def compare(
             return "perplexity", ppl, tps
     else:
         sents = data.sentences(n=sentences)
-        calib = tok(sents[:calibration_samples * 4], return_tensors="pt", padding=True, truncation=True,
+        # Calibration sentences from the other end of the source, not the scored ones.
+        pool = data.sentences()
+        calib = tok(pool[-calibration_samples * 4:], return_tensors="pt", padding=True, truncation=True,
                     max_length=128)
         calib = dict(calib)
         baseline = model
@@ -200,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp):
         sp.add_argument("--model", default="smollm2",
                         help=f"a built-in model or a local Hugging Face folder (default smollm2). {model_help}")
-        sp.add_argument("--method", default="rtn", choices=["rtn"], help="quantization method (default rtn)")
+        sp.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default rtn)")
         sp.add_argument("--dtype", default="float32", choices=list(_DTYPES),
                         help="dtype the model is loaded and run in (default float32)")
         sp.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")

@@ -144,6 +144,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear.from_codes: scales and zeros must be [{n}, {g}] for codes "
                              f"{list(codes.shape)} and group_size {layer.group_size}, got "
                              f"{list(scales.shape)} and {list(zeros.shape)}")
+        if zeros.numel() and (int(zeros.min()) < 0 or int(zeros.max()) >= 2 ** bits):
+            raise ValueError(f"QuantLinear.from_codes: zeros must be in [0, {2 ** bits - 1}] for bits={bits}, "
+                             f"got values in [{int(zeros.min())}, {int(zeros.max())}]")
         layer.qweight.copy_(ops.pack_int32(codes.t(), bits))
         layer.scales.copy_(scales.t())
         layer.zeros.copy_(zeros.t())

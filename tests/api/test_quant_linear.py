@@ -25,6 +25,15 @@ def _linear(n, k, bias=True, dtype=torch.float32, device="cpu"):
     return lin
 
 
+def _err_scale(q: QuantLinear) -> torch.Tensor:
+    """s * (q + z) per weight, float64 [N, K]: what a kernel that sums s*q and s*z apart
+    rounds against (the error bound documented in lowbit.reference.matmul)."""
+    k = q.in_features
+    s = ref.expand_groups(q.scales.t().double(), k, q.group_size)
+    z = ref.expand_groups(q.zeros.t().double(), k, q.group_size)
+    return s * (q.codes().double() + z)
+
+
 @pytest.mark.parametrize("bits,group,sym", SCHEMES)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_from_linear_is_rtn_on_stored_scales(bits, group, sym, scale_dtype, device):
@@ -55,8 +64,9 @@ def test_forward_matches_dequantized_matmul(bits, group, sym, dtype, shape, devi
     assert y.shape == (*shape, 40) and y.dtype == dtype
     w = q.dequantize(torch.float32).double()   # exact: (q - z) * s is representable
     want = x.double() @ w.t() + q.bias.double()
-    # fp32 accumulation over K=172 terms, then one rounding to the output dtype.
-    bound = (x.double().abs() @ w.abs().t() + q.bias.double().abs()) * 172 * 2**-24
+    # fp32 accumulation over K=172 terms (kernels may sum s*q and s*z apart: the bound
+    # documented in lowbit.reference.matmul), then one rounding to the output dtype.
+    bound = (x.double().abs() @ _err_scale(q).t() + q.bias.double().abs()) * 172 * 2**-24
     if dtype != torch.float32:
         bound = bound + want.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
     assert ((y.double() - want).abs() <= bound + 1e-30).all()
@@ -68,9 +78,9 @@ def test_no_bias_and_per_channel(device):
     assert q.bias is None and q.per_channel and q.group_size == 64 and q.scales.shape == (1, 16)
     x = torch.randn(3, 64, device=device)
     w = q.dequantize().double()
-    # fp32 accumulation over K=64 terms: |error| <= K * 2**-24 * sum |x||w| (the weights'
+    # fp32 accumulation over K=64 terms, bounded as in lowbit.reference.matmul (the weights'
     # rows vary in scale by e^N(0,1), so a fixed atol would be flaky).
-    bound = (x.double().abs() @ w.abs().t()) * 64 * 2**-24
+    bound = (x.double().abs() @ _err_scale(q).t()) * 64 * 2**-24
     assert ((q(x).double() - x.double() @ w.t()).abs() <= bound).all()
     assert "per-channel" in repr(q)
 
@@ -136,3 +146,17 @@ def test_from_codes_checks_shapes():
     codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"scales and zeros must be \[8, 2\]"):
         QuantLinear.from_codes(codes, torch.ones(8, 4), torch.zeros(8, 4, dtype=torch.int32), 4, 32)
+
+
+def test_from_codes_checks_zero_range():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"zeros must be in \[0, 15\] for bits=4, got values in \[-1, 8\]"):
+        QuantLinear.from_codes(codes, torch.ones(8, 2), torch.tensor([[8, -1]] * 8, dtype=torch.int32), 4, 32)
+    with pytest.raises(ValueError, match=r"must be < 2\*\*bits|out of range|code"):
+        QuantLinear.from_codes(codes | 16, torch.ones(8, 2), torch.full((8, 2), 8, dtype=torch.int32), 4, 32)
+
+
+def test_float64_weight_names_the_layer():
+    model = nn.Sequential(nn.Linear(64, 8).double())
+    with pytest.raises(TypeError, match="layer '0' has a torch.float64 weight"):
+        lowbit.quantize(model, "W4A16-g32", progress=False)

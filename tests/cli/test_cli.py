@@ -41,7 +41,8 @@ def test_eval_compares_with_baseline(tmp_path, capsys):
     rows = json.loads(js.read_text())["rows"]
     assert [r["scheme"] for r in rows] == ["fp", "W8A16-pc-sym", "W4A16-g32-asym"]
     base, w8, w4 = (r["value"] for r in rows)
-    # Measured (tests/api/test_quantize.py): W8A16 is within 0.1% of fp, W4A16-g32-asym ~10% above.
+    # Measured on the whole sample (tests/api/test_api_quantize.py): W8A16 within 0.1% of fp,
+    # W4A16-g32-asym 10% above; these 4 windows are a quarter of it, hence the wide bounds.
     assert w8 / base < 1.005 and 1.02 < w4 / base < 1.2
     assert rows[2]["model_bytes"] < rows[1]["model_bytes"] < rows[0]["model_bytes"]
     assert "W4A16-g32-asym" in out and "decode tok/s" in out
