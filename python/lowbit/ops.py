@@ -348,8 +348,8 @@ def weight_only_matmul(
             ``pack_int32(q.t(), bits)`` for uint8 codes ``q`` ``[N, K]``.
         scales: float32/float16/bfloat16 ``[N, G]``, ``G = ceil(K / group_size)``. Any
             strides; the fast layout is ``scales.stride(0) == 1`` (the transpose of a
-            contiguous ``[G, N]``, as GPTQ stores them): other layouts are copied to it
-            on every call. Not checked for NaN, Inf or zero (the hot path reads them once).
+            contiguous ``[G, N]``, as GPTQ stores them): the CPU kernel copies other
+            layouts to it on every call (the CUDA kernel reads any strides). Not checked for NaN, Inf or zero (the hot path reads them once).
         zeros: int32 or uint8 ``[N, G]``, zero points; same layout rules as ``scales``.
         bits: 2..8 (the CPU kernel reads 2, 4 and 8 bits directly; 3, 5, 6, 7 through
             dequantized tiles).
