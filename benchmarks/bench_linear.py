@@ -39,11 +39,9 @@ int kernels with float32 x take seconds at prefill sizes). CPU calls with
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -57,7 +55,7 @@ from lowbit import reference as ref
 from lowbit._report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import Timer, copy_bandwidth, device_description, git_commit, time_once  # noqa: E402
+from bench_quantize import Timer, copy_bandwidth, device_description, run_info, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # (N, K, layer): Llama-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up, down (its q/o are
@@ -352,16 +350,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "bench_linear",
-        "device": args.device,
-        "device_description": desc,
-        "torch_version": torch.__version__,
-        "lowbit_version": lowbit.__version__,
-        "lowbit_build": {"CPU_ISA": lowbit.build_info.CPU_ISA, "CUDA": lowbit.build_info.CUDA,
-                         "TORCH_VERSION": lowbit.build_info.TORCH_VERSION},
-        "threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        **run_info(args.device, desc),
         "settings": {"quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
                      "budget_s": args.budget, "max_call_s": args.max_call,
                      "rotate_mib": args.rotate_mib, "decode_max_m": DECODE_MAX_M,

@@ -58,6 +58,23 @@ N_COPIES = 3  # input copies rotated between calls
 
 # -- timing ------------------------------------------------------------------------------
 
+def run_info(device: str, desc: str) -> dict:
+    """What every benchmark's JSON records about the run: device, versions, build, threads,
+    commit, date and command line."""
+    return {
+        "device": device,
+        "device_description": desc,
+        "torch_version": torch.__version__,
+        "lowbit_version": lowbit.__version__,
+        "lowbit_build": {"CPU_ISA": lowbit.build_info.CPU_ISA, "CUDA": lowbit.build_info.CUDA,
+                         "TORCH_VERSION": lowbit.build_info.TORCH_VERSION},
+        "threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+
+
 def time_once(fn, args, cuda: bool) -> float:
     """Seconds of one call ``fn(*args)``: CUDA events on a GPU, perf_counter on the CPU."""
     if cuda:
@@ -335,16 +352,7 @@ def main(argv=None) -> int:
 
     result = {
         "benchmark": "bench_quantize",
-        "device": args.device,
-        "device_description": desc,
-        "torch_version": torch.__version__,
-        "lowbit_version": lowbit.__version__,
-        "lowbit_build": {"CPU_ISA": lowbit.build_info.CPU_ISA, "CUDA": lowbit.build_info.CUDA,
-                         "TORCH_VERSION": lowbit.build_info.TORCH_VERSION},
-        "threads": torch.get_num_threads(),
-        "git_commit": git_commit(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
+        **run_info(args.device, desc),
         "settings": {"quick": args.quick, "repeats": args.repeats, "warmup": args.warmup,
                      "budget_s": args.budget, "input_copies": N_COPIES, "bits": BITS,
                      "group_size": GROUP, "weight_dtype": "float16"},

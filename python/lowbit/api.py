@@ -117,12 +117,8 @@ def _sqnr_db(ref: Tensor, out: Tensor) -> float:
 def _validate(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
     w = module.weight
     k = w.shape[1]
-    if scheme.group_size is not None and scheme.group_size > k:
-        raise ValueError(
-            f"lowbit.quantize: layer '{name}' has in_features {k}, smaller than group_size "
-            f"{scheme.group_size}; use a group size <= {k} (a preset suffix such as -g32, or -pc for "
-            f"per-channel: \"W4A16-g32\"), or an "
-            f"override for this layer (QuantConfig(overrides={{{re.escape(name)!r}: {{'group_size': None}}}}))")
+    scheme.check_in_features(k, f"lowbit.quantize: layer '{name}' (for this layer alone, "
+                                f"QuantConfig(overrides={{{re.escape(name)!r}: {{'group_size': None}}}}))")
     if w.device.type == "meta":
         raise ValueError(f"lowbit.quantize: layer '{name}' has its weight on the meta device; "
                          "load the weights before quantizing")

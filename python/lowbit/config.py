@@ -73,6 +73,14 @@ class QuantScheme:
         if not 0.0 < float(self.clip_ratio) <= 1.0:
             raise ValueError(f"QuantScheme: clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
 
+    def check_in_features(self, in_features: int, where: str) -> None:
+        """Raise ValueError, prefixed with ``where``, if a group is wider than the layer."""
+        if self.group_size is not None and self.group_size > in_features:
+            raise ValueError(
+                f"{where}: group_size {self.group_size} is larger than in_features {in_features}; use a "
+                f"group size <= {in_features} (a preset suffix such as -g32) or per-channel "
+                "(group_size=None, preset suffix -pc)")
+
     @property
     def name(self) -> str:
         """Short label, e.g. ``"W4A16-g128-sym"`` or ``"W8A16-pc-sym"``."""

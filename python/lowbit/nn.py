@@ -45,11 +45,8 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
-        if group_size is not None and group_size > in_features:
-            raise ValueError(
-                f"QuantLinear: group_size {group_size} is larger than in_features {in_features}; "
-                "use a group size <= in_features, or group_size=None for per-channel")
+        QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric,
+                    scale_dtype=scale_dtype).check_in_features(in_features, "QuantLinear")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -93,10 +90,7 @@ class QuantLinear(nn.Module):
             scheme = QuantScheme(bits, group_size, symmetric, scale_dtype, clip_ratio)
         w = linear.weight.detach()
         n, k = w.shape
-        if scheme.group_size is not None and scheme.group_size > k:
-            raise ValueError(
-                f"QuantLinear.from_linear: group_size {scheme.group_size} is larger than in_features {k}; "
-                "use a group size <= in_features, or group_size=None for per-channel")
+        scheme.check_in_features(k, "QuantLinear.from_linear")
         g = k if scheme.group_size is None else scheme.group_size
         scales, zeros = ops.quant_params(w, scheme.bits, max(g, 1), scheme.symmetric, scheme.clip_ratio)
         # Groups of tiny weights would underflow float16 scales; their smallest normal value

@@ -50,7 +50,7 @@ def test_eval_compares_with_baseline(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,match", [
     (["quantize", "--model", "stories260k", "--scheme", "W5A8"], "unknown preset 'W5A8'"),
-    (["quantize", "--model", "stories260k", "--scheme", "W4A16"], "smaller than group_size 128"),
+    (["quantize", "--model", "stories260k", "--scheme", "W4A16"], "group_size 128 is larger than in_features 64"),
     (["quantize", "--model", "no_such_model_dir"], "unknown model 'no_such_model_dir'"),
 ])
 def test_errors_are_one_clear_line(argv, match, capsys):
