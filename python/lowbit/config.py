@@ -136,14 +136,20 @@ def _as_scheme(value: QuantScheme | Mapping[str, Any] | str, base: QuantScheme) 
 
 @dataclass
 class QuantConfig:
-    """Which ``nn.Linear`` layers to quantize, and with which :class:`QuantScheme`.
+    """Which linear layers to quantize, and with which :class:`QuantScheme`.
+
+    Linear layers are the "linear-like" modules of :func:`lowbit.nn.is_linear_like`:
+    ``nn.Linear`` and transformers' GPT-2 ``Conv1D`` (weight stored ``[in, out]``).
 
     Attributes:
         scheme: the default scheme (``QuantConfig.preset("W4A16")`` builds one from a preset).
-        targets: modules to quantize: module types (``nn.Linear`` or a subclass) and/or
-            regular expressions searched (``re.search``) in the module's qualified name
-            (``"model.layers.3.mlp.down_proj"``). Only ``nn.Linear`` modules are ever
-            quantized; a regex that matches none of the model's Linear layers is a warning.
+        targets: modules to quantize: module types and/or regular expressions searched
+            (``re.search``) in the module's qualified name (``"model.layers.3.mlp.down_proj"``).
+            A type matches its instances; ``nn.Linear`` itself (the default) stands for every
+            linear-like layer, so it also matches GPT-2 ``Conv1D`` layers (a subclass of
+            ``nn.Linear``, or the ``Conv1D`` class, matches only its own instances). Only
+            linear-like modules are ever quantized; a regex that matches none of the model's
+            linear layers is a warning.
         ignore: regular expressions of layers to leave in full precision (searched like
             ``targets``); default ``["lm_head"]``: the output projection is small relative
             to its error's effect on every logit.
@@ -200,13 +206,17 @@ class QuantConfig:
     # -- layer selection -----------------------------------------------------------
 
     def is_target(self, name: str, module: nn.Module) -> bool:
-        """Whether ``module`` (named ``name`` in its model) is quantized under this config."""
-        if not isinstance(module, nn.Linear):
+        """Whether ``module`` (named ``name`` in its model) is quantized under this config:
+        a linear-like module (:func:`lowbit.nn.is_linear_like`) that no ``ignore`` pattern
+        matches and some target does (``nn.Linear`` matching every linear-like module)."""
+        from .nn import is_linear_like   # lowbit.nn imports this module
+
+        if not is_linear_like(module):
             return False
         if any(re.search(p, name) for p in self.ignore):
             return False
-        return any(isinstance(module, t) if isinstance(t, type) else re.search(t, name) is not None
-                   for t in self.targets)
+        return any((isinstance(module, t) or t is nn.Linear) if isinstance(t, type)
+                   else re.search(t, name) is not None for t in self.targets)
 
     def scheme_for(self, name: str) -> QuantScheme:
         """The scheme of the layer ``name``: the last matching override, else the default."""
@@ -217,7 +227,8 @@ class QuantConfig:
         return chosen
 
     def unmatched_patterns(self, linear_names: Iterable[str]) -> list[str]:
-        """Target and override regexes that match none of ``linear_names``."""
+        """Target and override regexes that match none of ``linear_names`` (the qualified
+        names of the model's linear-like layers)."""
         names = list(linear_names)
         pats = [t for t in self.targets if isinstance(t, str)] + list(self.overrides)
         return [p for p in pats if not any(re.search(p, n) for n in names)]

@@ -1,4 +1,11 @@
-"""Quantized layers: :class:`QuantLinear`, the weight-only replacement of ``nn.Linear``."""
+"""Quantized layers: :class:`QuantLinear`, the weight-only replacement of ``nn.Linear``.
+
+Layers that can be quantized ("linear-like", :func:`is_linear_like`): ``nn.Linear`` (and
+its subclasses) and transformers' GPT-2 ``Conv1D`` (``transformers.pytorch_utils.Conv1D``:
+weight ``[in, out]`` = ``[nx, nf]``, ``forward`` is ``x @ W + b``). ``Conv1D`` is recognised
+by its class name and shape, so lowbit never imports transformers to find it;
+:func:`linear_weight` gives either kind's weight in the ``nn.Linear`` layout ``[out, in]``.
+"""
 from __future__ import annotations
 
 import torch
@@ -9,7 +16,41 @@ from .config import QuantScheme
 from .reference.packing import packed_rows
 from .reference.quant import num_groups
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "is_linear_like", "linear_weight"]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 ``Conv1D``: a class named ``Conv1D`` (or a subclass of one) with
+    an int ``nf`` and a 2-D ``weight`` ``[nx, nf]``."""
+    if not any(c.__name__ == "Conv1D" for c in type(module).__mro__):
+        return False
+    w = getattr(module, "weight", None)
+    nf = getattr(module, "nf", None)
+    if not isinstance(w, Tensor) or w.dim() != 2 or not isinstance(nf, int) or w.shape[1] != nf:
+        return False
+    return getattr(module, "nx", w.shape[0]) == w.shape[0]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` computes ``x @ W^T + b`` with a 2-D weight lowbit can quantize:
+    an ``nn.Linear`` (or subclass) or a transformers GPT-2 ``Conv1D`` (not
+    :class:`QuantLinear`, which is already quantized)."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight of a linear-like ``module`` in the ``nn.Linear`` layout, ``[out, in]``.
+
+    A view (no copy): ``module.weight`` for ``nn.Linear``, ``module.weight.t()`` for a
+    GPT-2 ``Conv1D`` (whose weight is stored ``[in, out]``). Raises TypeError for any
+    other module.
+    """
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.t()
+    raise TypeError(f"linear_weight: {type(module).__name__} is neither an nn.Linear nor a transformers "
+                    "GPT-2 Conv1D (class Conv1D with nf and a [nx, nf] weight)")
 
 
 class QuantLinear(nn.Module):
@@ -26,10 +67,17 @@ class QuantLinear(nn.Module):
             kernels read one group's scales for consecutive output columns in one run).
         zeros: uint8 ``[G, N]`` zero points (``2**(bits-1)`` everywhere when symmetric).
         bias: float ``[N]`` or None (a frozen ``nn.Parameter``, as in ``nn.Linear``).
+        perm: int64 ``[K]`` or None (default). Set for act-order (GPTQ ``desc_act``) layers,
+            whose codes are stored with their input columns permuted: stored column ``j``
+            is input feature ``perm[j]``, and groups run along the stored order. Only in the
+            ``state_dict`` when set; a layer built without it takes one from a state dict
+            that has it.
 
     ``forward`` takes ``x`` float32/float16/bfloat16 ``[..., K]`` and returns ``[..., N]`` in
     ``x.dtype`` through :func:`lowbit.ops.weight_only_matmul` (packed reads for decode,
-    dequantize + BLAS/cuBLAS for large batches; fp32 accumulation).
+    dequantize + BLAS/cuBLAS for large batches; fp32 accumulation); with ``perm`` set it
+    first gathers ``x.index_select(-1, perm)`` (a copy of ``x``). :meth:`codes`,
+    :meth:`dequantize` and :attr:`g_idx` always answer in the original input order.
     """
 
     def __init__(
@@ -64,13 +112,14 @@ class QuantLinear(nn.Module):
                                      requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("perm", None)
 
     # -- construction ------------------------------------------------------------------
 
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         bits: int = 4,
         group_size: int | None = 128,
         symmetric: bool = True,
@@ -82,13 +131,20 @@ class QuantLinear(nn.Module):
         """Round-to-nearest quantization of ``linear`` onto a grid (a new module; ``linear``
         is left as it is). ``scheme``, if given, replaces the grid arguments.
 
+        ``linear`` is an ``nn.Linear`` or a transformers GPT-2 ``Conv1D`` (its ``[in, out]``
+        weight is transposed; the layer computes the same ``x @ W + b``); see
+        :func:`is_linear_like`.
+
         Scales are rounded to ``scale_dtype`` first (and raised to its smallest normal value,
         6.1e-5 for float16, where a group of tiny weights would underflow), and the codes
         computed against the stored scales, so the layer is exactly RTN on the grid it stores.
         """
         if scheme is None:
             scheme = QuantScheme(bits, group_size, symmetric, scale_dtype, clip_ratio)
-        w = linear.weight.detach()
+        if not is_linear_like(linear):
+            raise TypeError(f"QuantLinear.from_linear: expected an nn.Linear or a transformers GPT-2 "
+                            f"Conv1D, got {type(linear).__name__}")
+        w = linear_weight(linear).detach()
         n, k = w.shape
         scheme.check_in_features(k, "QuantLinear.from_linear")
         g = k if scheme.group_size is None else scheme.group_size
@@ -117,18 +173,33 @@ class QuantLinear(nn.Module):
         symmetric: bool = False,
         bias: Tensor | None = None,
         scale_dtype: torch.dtype | None = None,
+        perm: Tensor | None = None,
     ) -> "QuantLinear":
         """A layer from a grid computed elsewhere (RTN, GPTQ, AWQ...).
 
         Args:
-            codes: uint8 ``[N, K]``, each ``< 2**bits``.
+            codes: uint8 ``[N, K]``, each ``< 2**bits``; with ``perm``, in the permuted
+                column order (column ``j`` is input feature ``perm[j]``), and ``scales`` /
+                ``zeros`` group the permuted columns (group ``j // group_size``).
             scales: float ``[N, G]``; stored as ``scale_dtype`` (default: its own dtype).
             zeros: int32 or uint8 ``[N, G]``.
             group_size: columns per group, None for per-channel.
             symmetric: recorded for ``extra_repr`` and checkpoints; the zeros are used as given.
             bias: float ``[N]`` or None.
+            perm: integer ``[K]``, a permutation of ``0..K-1`` (act-order GPTQ), or None;
+                stored as int64 on the codes' device.
         """
         n, k = codes.shape
+        if perm is not None:
+            if perm.dtype.is_floating_point or perm.dtype.is_complex or perm.dtype == torch.bool:
+                raise TypeError(f"QuantLinear.from_codes: perm must be an integer tensor, got {perm.dtype}")
+            perm = perm.to(device=codes.device, dtype=torch.int64)
+            if tuple(perm.shape) != (k,):
+                raise ValueError(f"QuantLinear.from_codes: perm must be [{k}] for codes {list(codes.shape)}, "
+                                 f"got {list(perm.shape)}")
+            if not torch.equal(perm.sort().values, torch.arange(k, device=perm.device)):
+                raise ValueError(f"QuantLinear.from_codes: perm must be a permutation of 0..{k - 1} (each input "
+                                 "feature once); it has repeated or out-of-range entries")
         scale_dtype = scale_dtype or scales.dtype
         layer = cls(k, n, bias=bias is not None, bits=bits, group_size=group_size, symmetric=symmetric,
                     scale_dtype=scale_dtype, device=codes.device,
@@ -146,31 +217,64 @@ class QuantLinear(nn.Module):
         layer.zeros.copy_(zeros.t())
         if bias is not None:
             layer.bias.data.copy_(bias)
+        layer.perm = perm
         return layer
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # An act-order checkpoint loads into a layer built without perm: make room for it.
+        if self.perm is None and prefix + "perm" in state_dict:
+            self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qweight.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- use ---------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.perm is not None:
+            x = x.index_select(-1, self.perm)
         return ops.weight_only_matmul(x, self.qweight, self.scales.t(), self.zeros.t(), self.bits,
                                       self.group_size, self.bias)
 
+    def _unpermute(self, t: Tensor) -> Tensor:
+        """Columns of ``t`` ``[N, K]`` from the stored (permuted) order to the input order."""
+        if self.perm is None:
+            return t
+        return torch.empty_like(t).index_copy_(1, self.perm, t)
+
     def codes(self) -> Tensor:
-        """The integer codes, uint8 ``[N, K]``."""
-        return ops.unpack_int32(self.qweight, self.bits, self.in_features).t().contiguous()
+        """The integer codes, uint8 ``[N, K]``, in the input order (column ``k`` multiplies
+        ``x[..., k]``, whether or not the layer has a ``perm``)."""
+        codes = ops.unpack_int32(self.qweight, self.bits, self.in_features).t().contiguous()
+        return self._unpermute(codes)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight the layer computes with, ``dtype`` ``[N, K]``."""
+        """The weight the layer computes with, ``dtype`` ``[N, K]``, in the input order
+        (``forward(x) == x @ dequantize().T + bias`` up to float32 rounding)."""
         codes = ops.unpack_int32(self.qweight, self.bits, self.in_features).t()
-        return ops.dequantize(codes, self.scales.t(), self.zeros.t().to(torch.int32), self.group_size, dtype)
+        w = ops.dequantize(codes, self.scales.t(), self.zeros.t().to(torch.int32), self.group_size, dtype)
+        return self._unpermute(w)
+
+    @property
+    def g_idx(self) -> Tensor:
+        """int32 ``[K]``: the group (row of ``scales`` / ``zeros``) of each input feature, in
+        the input order, as in GPTQ checkpoints: ``arange(K) // group_size`` without
+        ``perm``; with it, input feature ``perm[j]`` is in group ``j // group_size``."""
+        g = torch.div(torch.arange(self.in_features, device=self.qweight.device), self.group_size,
+                      rounding_mode="floor").to(torch.int32)
+        if self.perm is None:
+            return g
+        return torch.empty_like(g).index_copy_(0, self.perm, g)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the layer's tensors (packed codes, scales, zero points and bias)."""
+        """Bytes of the layer's tensors (packed codes, scales, zero points, bias and perm)."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.qweight, self.scales, self.zeros, self.bias) if t is not None)
+                   for t in (self.qweight, self.scales, self.zeros, self.bias, self.perm) if t is not None)
 
     def extra_repr(self) -> str:
         group = "per-channel" if self.per_channel else f"group_size={self.group_size}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, {group}, "
-                f"symmetric={self.symmetric}, scale_dtype={self.scales.dtype}")
+                f"symmetric={self.symmetric}, scale_dtype={self.scales.dtype}"
+                + (", act_order=True" if self.perm is not None else ""))

@@ -27,10 +27,15 @@ def _linear(n, k, bias=True, dtype=torch.float32, device="cpu"):
 
 def _err_scale(q: QuantLinear) -> torch.Tensor:
     """s * (q + z) per weight, float64 [N, K]: what a kernel that sums s*q and s*z apart
-    rounds against (the error bound documented in lowbit.reference.matmul)."""
+    rounds against (the error bound documented in lowbit.reference.matmul). In the input
+    order, so also for act-order layers (groups of input features through ``g_idx``)."""
     k = q.in_features
-    s = ref.expand_groups(q.scales.t().double(), k, q.group_size)
-    z = ref.expand_groups(q.zeros.t().double(), k, q.group_size)
+    if q.perm is None:
+        s = ref.expand_groups(q.scales.t().double(), k, q.group_size)
+        z = ref.expand_groups(q.zeros.t().double(), k, q.group_size)
+    else:
+        s = q.scales.t().double()[:, q.g_idx.long()]
+        z = q.zeros.t().double()[:, q.g_idx.long()]
     return s * (q.codes().double() + z)
 
 
@@ -160,3 +165,103 @@ def test_float64_weight_names_the_layer():
     model = nn.Sequential(nn.Linear(64, 8).double())
     with pytest.raises(TypeError, match="layer '0' has a torch.float64 weight"):
         lowbit.quantize(model, "W4A16-g32", progress=False)
+
+
+# -- act order (perm) ----------------------------------------------------------------------
+
+def _act_order(n, k, bits, group, sym, dtype=torch.float32, device="cpu", bias=True):
+    """(layer with perm, the same grid without perm, perm): RTN of the weight's permuted
+    columns, stored in the permuted order as act-order GPTQ stores them."""
+    lin = _linear(n, k, bias=bias, dtype=dtype, device=device)
+    perm = torch.randperm(k, device=device)
+    permuted = nn.Linear(k, n, bias=bias, dtype=dtype, device=device)
+    with torch.no_grad():
+        permuted.weight.copy_(lin.weight[:, perm])
+        if bias:
+            permuted.bias.copy_(lin.bias)
+    plain = QuantLinear.from_linear(permuted, bits, group, sym)
+    q = QuantLinear.from_codes(plain.codes(), plain.scales.t(), plain.zeros.t(), bits, group, symmetric=sym,
+                               bias=plain.bias, perm=perm)
+    return q, plain, perm
+
+
+@pytest.mark.parametrize("bits,group,sym", SCHEMES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (2, 3), (0,), (70,)])
+def test_act_order_forward_matches_dequantized_matmul(bits, group, sym, dtype, shape, device):
+    q, plain, perm = _act_order(40, 172, bits, group, sym, dtype, device)
+    assert q.perm.dtype == torch.int64 and torch.equal(q.perm, perm)
+    # codes() and dequantize() are in the input order: stored column j is input feature perm[j].
+    assert torch.equal(q.codes()[:, perm], plain.codes())
+    assert torch.equal(q.dequantize()[:, perm], plain.dequantize())
+    x = torch.randn(*shape, 172, dtype=dtype, device=device)
+    y = q(x)
+    assert y.shape == (*shape, 40) and y.dtype == dtype
+    want = x.double() @ q.dequantize(torch.float32).double().t() + q.bias.double()
+    bound = (x.double().abs() @ _err_scale(q).t() + q.bias.double().abs()) * 172 * 2**-24
+    if dtype != torch.float32:
+        bound = bound + want.abs() * (2**-8 if dtype == torch.bfloat16 else 2**-11)
+    assert ((y.double() - want).abs() <= bound + 1e-30).all()
+    # The same layer as the unpermuted grid fed the permuted input, bit for bit.
+    assert torch.equal(y, plain(x[..., perm]))
+
+
+def test_identity_perm_is_no_perm(device):
+    lin = _linear(24, 64, device=device)
+    plain = QuantLinear.from_linear(lin, 4, 32, False)
+    q = QuantLinear.from_codes(plain.codes(), plain.scales.t(), plain.zeros.t(), 4, 32, bias=plain.bias,
+                               perm=torch.arange(64, dtype=torch.int32))
+    x = torch.randn(5, 64, device=device)
+    assert torch.equal(q(x), plain(x)) and torch.equal(q.dequantize(), plain.dequantize())
+    assert torch.equal(q.g_idx, plain.g_idx) and q.perm.device == plain.qweight.device
+
+
+@pytest.mark.parametrize("k,group", [(10, 4), (172, 64), (64, None), (7, 1)])
+def test_g_idx(k, group, device):
+    q, plain, perm = _act_order(6, k, 4, group, False, device=device)
+    g = k if group is None else group
+    assert plain.perm is None and plain.g_idx.dtype == torch.int32 and plain.g_idx.shape == (k,)
+    assert torch.equal(plain.g_idx.long(), torch.arange(k, device=device) // g)
+    assert q.g_idx.dtype == torch.int32 and q.g_idx.device == q.qweight.device
+    for j in range(k):    # stored column j is input feature perm[j], in group j // group_size
+        assert q.g_idx[perm[j]] == j // g
+    # g_idx names the scale and zero point that dequantize() uses for each input feature.
+    gi = q.g_idx.long()
+    want = (q.codes().float() - q.zeros.t()[:, gi].float()) * q.scales.t()[:, gi].float()
+    assert torch.equal(q.dequantize(), want)
+
+
+def test_act_order_state_dict_round_trip(device):
+    q, _, perm = _act_order(33, 100, 4, 32, False, device=device)
+    sd = q.state_dict()
+    assert set(sd) == {"qweight", "scales", "zeros", "bias", "perm"} and torch.equal(sd["perm"], perm)
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    # A layer built without perm takes it from the state dict.
+    fresh = QuantLinear(100, 33, bias=True, bits=4, group_size=32, symmetric=False, device=device)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh.perm is not None and fresh.perm.dtype == torch.int64 and torch.equal(fresh.perm, perm)
+    x = torch.randn(4, 100, device=device)
+    assert torch.equal(q(x), fresh(x))
+    assert torch.equal(q.g_idx, fresh.g_idx) and torch.equal(q.dequantize(), fresh.dequantize())
+    assert q.nbytes == QuantLinear.from_linear(_linear(33, 100), 4, 32, False).nbytes + 100 * 8
+    assert "act_order=True" in repr(q)
+    # A layer that has a perm refuses a state dict without one.
+    with pytest.raises(RuntimeError, match="Missing key.*perm"):
+        fresh.load_state_dict({k: v for k, v in sd.items() if k != "perm"})
+
+
+def test_from_codes_checks_perm():
+    codes = torch.randint(0, 16, (8, 64), dtype=torch.uint8)
+    s, z = torch.ones(8, 2), torch.full((8, 2), 8, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"perm must be \[64\] for codes \[8, 64\], got \[63\]"):
+        QuantLinear.from_codes(codes, s, z, 4, 32, perm=torch.arange(63))
+    bad = torch.arange(64)
+    bad[3] = 5
+    with pytest.raises(ValueError, match="perm must be a permutation of 0..63"):
+        QuantLinear.from_codes(codes, s, z, 4, 32, perm=bad)
+    with pytest.raises(ValueError, match="perm must be a permutation of 0..63"):
+        QuantLinear.from_codes(codes, s, z, 4, 32, perm=torch.arange(1, 65))
+    with pytest.raises(TypeError, match="perm must be an integer tensor"):
+        QuantLinear.from_codes(codes, s, z, 4, 32, perm=torch.arange(64.0))
