@@ -24,6 +24,12 @@ TORCH_LIBRARY(lowbit, m) {
   // (reference/matmul.py). x float [..., K], qweight int32 [K * bits / 32, N], scales
   // float [N, G], zeros int32 or uint8 [N, G], bias float [N]; y x.dtype [..., N].
   m.def("weight_only_matmul(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, Tensor? bias=None) -> Tensor");
+  // GPTQ (reference/gptq.py). hessian float32/float64 [K, K], the mean 2 x x^T over the
+  // num_seen rows so far, updated in place with x [..., K]. gptq_solve: w [N, K], returns
+  // codes uint8 [N, K], scales float32 [N, G], zeros int32 [N, G], g_idx int32 [K] and the
+  // loss (float64, 0-d).
+  m.def("accumulate_hessian(Tensor(a!) hessian, Tensor x, int num_seen) -> ()");
+  m.def("gptq_solve(Tensor w, Tensor hessian, int bits, int group_size, bool symmetric, float damp, bool act_order, bool static_groups, int block_size, float clip_ratio, ScalarType scale_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // A plain extension module: importing lowbit._C runs the static registrations above

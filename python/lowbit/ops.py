@@ -16,7 +16,7 @@ from torch import Tensor
 __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
-    "weight_only_matmul",
+    "weight_only_matmul", "accumulate_hessian", "gptq_solve",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -400,3 +400,123 @@ def _check_weight_only_matmul(op, x, qweight, scales, zeros, bits, group_size, b
 def _weight_only_matmul_fake(x, qweight, scales, zeros, bits, group_size, bias=None):
     _check_weight_only_matmul("weight_only_matmul", x, qweight, scales, zeros, bits, group_size, bias)
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
+
+
+# -- GPTQ (reference/gptq.py) -------------------------------------------------------------
+
+def accumulate_hessian(hessian: Tensor, x: Tensor, num_seen: int) -> None:
+    """Add calibration rows to a GPTQ Hessian, in place (Frantar et al., 2022).
+
+    ``hessian <- (num_seen * hessian + 2 X^T X) / (num_seen + m)``: after any sequence of
+    batches it is ``2 X^T X / n`` over all ``n`` rows seen, in ``hessian``'s dtype (one
+    GEMM per call). The caller keeps the count: ``num_seen += x.reshape(-1, K).shape[0]``.
+
+    Args:
+        hessian: float32/float64 ``[K, K]``, contiguous, updated in place (zeros to start).
+        x: float ``[..., K]`` on the same device: a linear layer's inputs, every leading
+            index one row (token).
+        num_seen: rows already accumulated into ``hessian`` (>= 0).
+    """
+    _lib.accumulate_hessian.default(hessian, x, num_seen)
+
+
+def _check_accumulate_hessian(op, hessian, x, num_seen):
+    _check_dim(op, "hessian", hessian, 2)
+    torch._check_type(hessian.dtype in (torch.float32, torch.float64), _msg(
+        op, f"argument 'hessian' must be float32 or float64, got {hessian.dtype}"))
+    torch._check_value(hessian.shape[0] == hessian.shape[1], _msg(
+        op, f"argument 'hessian' must be square [K, K], got shape {list(hessian.shape)}"))
+    torch._check_value(hessian.is_contiguous(), _msg(
+        op, "argument 'hessian' must be contiguous (it is updated in place)"))
+    torch._check_type(x.dtype in _FLOATS + (torch.float64,), _msg(
+        op, f"argument 'x' must be float32, float16, bfloat16 or float64, got {x.dtype}"))
+    _check_min_dim(op, "x", x, 1)
+    torch._check_value(x.shape[-1] == hessian.shape[0], _msg(
+        op, f"argument 'x' must have last dimension K = {hessian.shape[0]} (the Hessian's size), "
+        f"got shape {list(x.shape)}"))
+    _check_same_device(op, "x", x, "hessian", hessian)
+    torch._check_value(num_seen >= 0, _msg(op, f"argument 'num_seen' must be >= 0, got {num_seen}"))
+
+
+@torch.library.register_fake("lowbit::accumulate_hessian")
+def _accumulate_hessian_fake(hessian, x, num_seen):
+    _check_accumulate_hessian("accumulate_hessian", hessian, x, num_seen)
+
+
+def gptq_solve(
+    w: Tensor,
+    hessian: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    damp: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    block_size: int = 128,
+    clip_ratio: float = 1.0,
+    scale_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """GPTQ of one linear layer (Frantar et al., 2022, Algorithm 1) in one call.
+
+    Dead inputs, act-order, dampening, the Cholesky factor of ``H^-1`` and the lazy
+    batches of ``block_size`` columns (each block's column loop is one C++ loop / one CUDA
+    kernel, the rest one GEMM). Computed in float64 when ``w`` or ``hessian`` is float64,
+    else float32. Semantics: :mod:`lowbit.reference.gptq`.
+
+    Args:
+        w: float ``[N, K]`` (out, in). hessian: float32/float64 ``[K, K]``, ``2 X^T X / n``
+            (:func:`accumulate_hessian`), same device.
+        bits: 2..8. group_size: columns per group (``>= K``: per-channel); without static
+            groups each block is widened to whole groups.
+        symmetric: absmax grid (zero ``2**(bits-1)``) or min/max zero-point grid.
+        damp: fraction of the mean diagonal added to it (GPTQ's 1%).
+        act_order: quantize columns in descending ``diag(H)`` order.
+        static_groups: group scales from the original weight, in natural column order.
+        clip_ratio: shrinks each group's range, in (0, 1].
+        scale_dtype: the dtype the scales will be stored in; codes are computed against
+            the scales rounded to it.
+
+    Returns:
+        ``codes`` uint8 ``[N, K]`` in the original column order; ``scales`` float32
+        ``[N, G]``; ``zeros`` int32 ``[N, G]``; ``g_idx`` int32 ``[K]`` (input column ->
+        group; with act-order and no static groups, groups are runs of the processing
+        order); ``loss`` float64 0-d, ``sum (w - w_hat)^2 / U[q, q]^2 / 2``.
+
+    Raises:
+        ValueError: NaN/Inf in ``w`` or ``hessian``, or a damped Hessian that is not
+            positive definite (message contains "not positive definite").
+    """
+    return _lib.gptq_solve.default(w, hessian, bits, group_size, symmetric, damp, act_order,
+                                   static_groups, block_size, clip_ratio, scale_dtype)
+
+
+def _check_gptq_solve(op, w, hessian, bits, group_size, damp, block_size, clip_ratio, scale_dtype):
+    _check_dim(op, "w", w, 2)
+    torch._check_type(w.dtype in _FLOATS + (torch.float64,), _msg(
+        op, f"argument 'w' must be float32, float16, bfloat16 or float64, got {w.dtype}"))
+    _check_dim(op, "hessian", hessian, 2)
+    torch._check_type(hessian.dtype in (torch.float32, torch.float64), _msg(
+        op, f"argument 'hessian' must be float32 or float64, got {hessian.dtype}"))
+    k = w.shape[1]
+    torch._check_value(hessian.shape[0] == k and hessian.shape[1] == k, _msg(
+        op, f"argument 'hessian' must be [K, K] = [{k}, {k}] for a weight of shape {list(w.shape)}, "
+        f"got {list(hessian.shape)}"))
+    _check_same_device(op, "hessian", hessian, "w", w)
+    _check_bits(op, bits)
+    _check_group_size(op, group_size)
+    torch._check_value(damp >= 0 and damp == damp and damp != float("inf"), _msg(
+        op, f"argument 'damp' must be a finite fraction >= 0 of the mean diagonal, got {damp}"))
+    torch._check_value(block_size > 0, _msg(op, f"argument 'block_size' must be positive, got {block_size}"))
+    torch._check_value(0 < clip_ratio <= 1, _msg(op, f"argument 'clip_ratio' must be in (0, 1], got {clip_ratio}"))
+    _check_float_dtype_arg(op, "scale_dtype", scale_dtype)
+
+
+@torch.library.register_fake("lowbit::gptq_solve")
+def _gptq_solve_fake(w, hessian, bits, group_size, symmetric, damp, act_order, static_groups, block_size,
+                     clip_ratio, scale_dtype):
+    _check_gptq_solve("gptq_solve", w, hessian, bits, group_size, damp, block_size, clip_ratio, scale_dtype)
+    n, k = w.shape
+    g = _num_groups(k, min(group_size, k) if k > 0 else group_size)
+    return (w.new_empty(n, k, dtype=torch.uint8), w.new_empty(n, g, dtype=torch.float32),
+            w.new_empty(n, g, dtype=torch.int32), w.new_empty(k, dtype=torch.int32),
+            w.new_empty((), dtype=torch.float64))
