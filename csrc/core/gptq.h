@@ -112,6 +112,24 @@ inline std::tuple<at::Tensor, at::Tensor> gptq_group_params(const at::Tensor& wg
   return {stored, zero.to(at::kInt)};
 }
 
+// Inverse of a lower-triangular l [n, n]: recursive 2x2 blocks, so most of the work is
+// two GEMMs per level (the BLAS's fastest path) rather than a triangular solve.
+inline at::Tensor lower_triangular_inverse(const at::Tensor& l) {
+  const int64_t n = l.size(0);
+  if (n <= 256) {
+    return at::linalg_solve_triangular(l, at::eye(n, l.options()), /*upper=*/false);
+  }
+  const int64_t h = n / 2;
+  const at::Tensor ai = lower_triangular_inverse(l.narrow(0, 0, h).narrow(1, 0, h));
+  const at::Tensor ci = lower_triangular_inverse(l.narrow(0, h, n - h).narrow(1, h, n - h));
+  at::Tensor out = at::zeros({n, n}, l.options());
+  out.narrow(0, 0, h).narrow(1, 0, h).copy_(ai);
+  out.narrow(0, h, n - h).narrow(1, h, n - h).copy_(ci);
+  at::Tensor lower_left = out.narrow(0, h, n - h).narrow(1, 0, h);
+  lower_left.addmm_(at::matmul(ci, l.narrow(0, h, n - h).narrow(1, 0, h)), ai, /*beta=*/0.0, /*alpha=*/-1.0);
+  return out;
+}
+
 inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Tensor& h_, const GptqArgs& a) {
   check_gptq_args(op, w_, h_, a);
   const at::ScalarType wt_dtype =
@@ -163,12 +181,14 @@ inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Ten
     at::Tensor d = h.diagonal();
     d.add_(d.mean().mul(a.damp));
   }
-  auto [l, info] = at::linalg_cholesky_ex(h, /*upper=*/false, /*check_errors=*/false);
+  // U, the upper Cholesky factor of H^-1, from one factorization: with J the reversal,
+  // J H J = M M^T gives H = V V^T for the upper V = J M J, so H^-1 = V^-T V^-1 and
+  // U = V^-1 = J M^-1 J. One Cholesky plus a triangular inverse (GEMM-rich) instead of
+  // Cholesky, cholesky_inverse and a second Cholesky: half the LAPACK time.
+  auto [m, info] = at::linalg_cholesky_ex(h.flip({0, 1}), /*upper=*/false, /*check_errors=*/false);
   LOWBIT_CHECK(info.item<int64_t>() == 0, op, "the damped Hessian is not positive definite (damp = ",
                a.damp, "); raise 'damp' or calibrate on more samples");
-  auto [u, info2] = at::linalg_cholesky_ex(at::cholesky_inverse(l), /*upper=*/true, /*check_errors=*/false);
-  LOWBIT_CHECK(info2.item<int64_t>() == 0, op, "the damped Hessian is not positive definite (damp = ",
-               a.damp, "); raise 'damp' or calibrate on more samples");
+  const at::Tensor u = lower_triangular_inverse(m).flip({0, 1});
   p.u = u.contiguous();
   p.wt = w.t().contiguous();
   // Without static groups every block holds whole groups, so a group's scale sees every
