@@ -5,7 +5,24 @@
 // is passed in. Semantics: python/lowbit/reference/gptq.py.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/div.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/linalg_cholesky_ex.h>
+#include <ATen/ops/linalg_solve_triangular.h>
+#include <ATen/ops/matmul.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/round.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
 
 #include <cstdint>
 #include <limits>
@@ -103,7 +120,7 @@ inline std::tuple<at::Tensor, at::Tensor> gptq_group_params(const at::Tensor& wg
     const double maxq = static_cast<double>((1 << a.bits) - 1);
     const at::Tensor hi = wg.amax(-1).clamp_min(0).mul(a.clip_ratio);
     const at::Tensor lo = wg.amin(-1).clamp_max(0).mul(a.clip_ratio);
-    scale = (hi - lo).div(maxq);
+    scale = hi.sub(lo).div(maxq);
     scale.masked_fill_(scale.eq(0), 1.0);
     zero = at::round(lo.neg().div(scale)).clamp(0, maxq);
   }

@@ -2,7 +2,9 @@
 // lazy-batch GEMMs are shared ATen calls (core/gptq.h); this file holds the per-column
 // loop of one block, the part that peers run as one framework call per column.
 // Semantics: python/lowbit/reference/gptq.py.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
