@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 
 from ._report import format_table
 from .config import QuantConfig, QuantScheme
-from .nn import QuantLinear
+from .algorithms.gptq import GPTQ
+from .nn import QuantLinear, is_linear_like, linear_weight
 
 __all__ = ["quantize", "QuantReport", "LayerReport", "model_bytes", "METHODS"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -40,6 +41,8 @@ class LayerReport:
     output_sqnr_db: float | None
     bytes_before: int
     bytes_after: int
+    gptq_loss: float | None = None
+    damp: float | None = None
 
 
 @dataclass
@@ -114,8 +117,8 @@ def _sqnr_db(ref: Tensor, out: Tensor) -> float:
     return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
-def _validate(name: str, module: nn.Linear, scheme: QuantScheme) -> None:
-    w = module.weight
+def _validate(name: str, module: nn.Module, scheme: QuantScheme) -> None:
+    w = linear_weight(module)
     k = w.shape[1]
     scheme.check_in_features(k, f"lowbit.quantize: layer '{name}' (for this layer alone, "
                                 f"QuantConfig(overrides={{{re.escape(name)!r}: {{'group_size': None}}}}))")
@@ -160,6 +163,11 @@ def _capture_inputs(model: nn.Module, layers: dict[str, nn.Linear], calibration,
     return got
 
 
+def _linear_bytes(m: nn.Module) -> int:
+    bias = getattr(m, "bias", None)
+    return m.weight.numel() * m.weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -169,11 +177,14 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(
     model: nn.Module,
     config: QuantConfig | str = "W4A16",
-    method: str = "rtn",
+    method: str | GPTQ = "rtn",
     *,
     calibration: Tensor | dict | None = None,
     report_rows: int = 256,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    blocks: str | None = None,
+    batch_size: int = 8,
 ) -> QuantReport:
     """Quantize ``model``'s targeted ``nn.Linear`` layers in place.
 
@@ -186,28 +197,42 @@ def quantize(
         model: any ``nn.Module`` (a Hugging Face model, a plain stack of Linear layers...).
         config: a :class:`QuantConfig` or a preset name (``"W4A16"``, ``"W8A16"``,
             ``"W4A16-g32-asym"``; see :mod:`lowbit.config`).
-        method: ``"rtn"`` (round-to-nearest).
-        calibration: optional inputs for one forward pass of the unquantized model
-            (int64 ``input_ids`` ``[B, L]``, or a dict of keyword arguments); when given,
-            each layer's output SQNR is measured on up to ``report_rows`` of its real inputs.
-        progress: show a tqdm bar over layers.
+        method: ``"rtn"`` (round-to-nearest), ``"gptq"`` or a :class:`lowbit.GPTQ` with
+            options (act-order, static groups, dampening, true-sequential...). GPTQ runs
+            block by block (:mod:`lowbit.calibration`); targeted layers outside the
+            transformer blocks get RTN.
+        calibration: inputs of the unquantized model (int64 ``input_ids`` ``[B, L]``, or a
+            dict of keyword arguments with ``input_ids``). Required by GPTQ (e.g.
+            ``lowbit.data.calibration_samples(tokenizer, texts, n=128, seqlen=2048)``). For
+            RTN it is optional and only measures each layer's output SQNR on up to
+            ``report_rows`` of its real inputs; GPTQ reports the exact output SQNR on all
+            calibration rows (from the Hessian).
+        progress: show a tqdm bar over layers (RTN) or blocks (GPTQ).
+        device: GPTQ's calibration device (default: CUDA when available, else the model's);
+            one block at a time is copied there, the model stays where it is.
+        blocks: dotted path of the model's ``nn.ModuleList`` of transformer blocks, for an
+            architecture :func:`lowbit.architectures.find_blocks` does not know.
+        batch_size: calibration sequences per forward call (GPTQ).
 
     Returns:
         A :class:`QuantReport` (``print(report)`` shows the per-layer table).
     """
     with torch.no_grad():
-        return _quantize(model, config, method, calibration, report_rows, progress)
+        return _quantize(model, config, method, calibration, report_rows, progress, device, blocks, batch_size)
 
 
-def _quantize(model, config, method, calibration, report_rows, progress) -> QuantReport:
+def _quantize(model, config, method, calibration, report_rows, progress, device, blocks, batch_size) -> QuantReport:
     if isinstance(config, str):
         config = QuantConfig.preset(config)
-    if method not in METHODS:
-        raise ValueError(f"lowbit.quantize: unknown method {method!r}; available: {', '.join(METHODS)}")
+    gptq = method if isinstance(method, GPTQ) else GPTQ() if method == "gptq" else None
+    if gptq is None and method not in METHODS:
+        raise ValueError(f"lowbit.quantize: unknown method {method!r}; available: {', '.join(METHODS)} "
+                         "or a lowbit.GPTQ(...)")
+    method = "gptq" if gptq is not None else method
     start = time.perf_counter()
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linears = {n: m for n, m in model.named_modules() if is_linear_like(m)}
     for p in config.unmatched_patterns(linears):
-        msg = f"lowbit.quantize: pattern {p!r} matches no nn.Linear layer of the model"
+        msg = f"lowbit.quantize: pattern {p!r} matches no nn.Linear or GPT-2 Conv1D layer of the model"
         warnings.warn(msg, stacklevel=3)
         log.warning(msg)
     chosen = {n: m for n, m in linears.items() if config.is_target(n, m)}
@@ -220,25 +245,41 @@ def _quantize(model, config, method, calibration, report_rows, progress) -> Quan
         _validate(n, m, schemes[n])
 
     before = model_bytes(model)
-    inputs = _capture_inputs(model, chosen, calibration, report_rows) if calibration is not None and chosen else {}
-
     report = QuantReport(method=method, model_bytes_before=before)
     new: dict[str, QuantLinear] = {}
-    for n, m in tqdm(chosen.items(), desc=f"lowbit {method}", disable=not progress or not chosen,
+    rtn = chosen
+    if gptq is not None and chosen:
+        from .calibration import gptq_model
+
+        results, outside = gptq_model(model, schemes, gptq, calibration, device=device, blocks=blocks,
+                                      batch_size=batch_size, progress=progress)
+        for n, r in results.items():
+            m = chosen[n]
+            report.layers.append(LayerReport(
+                name=n, out_features=r.layer.out_features, in_features=r.layer.in_features, scheme=schemes[n].name,
+                weight_sqnr_db=r.weight_sqnr_db, output_sqnr_db=r.output_sqnr_db,
+                bytes_before=_linear_bytes(m), bytes_after=r.layer.nbytes, gptq_loss=r.loss, damp=r.damp))
+            new[n] = r.layer
+        rtn = {n: chosen[n] for n in outside}
+        if rtn:
+            log.info("GPTQ: %d targeted layers outside the transformer blocks get RTN: %s", len(rtn), list(rtn))
+        calibration = None   # RTN layers outside the blocks: no output SQNR pass
+    inputs = _capture_inputs(model, rtn, calibration, report_rows) if calibration is not None and rtn else {}
+
+    for n, m in tqdm(rtn.items(), desc="lowbit rtn", disable=not progress or not rtn or gptq is not None,
                      unit="layer"):
         s = schemes[n]
         q = QuantLinear.from_linear(m, scheme=s)
-        w = m.weight.detach().float()
+        w = linear_weight(m).detach().float()
         w_hat = q.dequantize(torch.float32)
         out_sqnr = None
         if n in inputs:
             x = inputs[n]
             out_sqnr = _sqnr_db(x @ w.t(), x @ w_hat.t())
-        bias_bytes = 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
         report.layers.append(LayerReport(
-            name=n, out_features=m.out_features, in_features=m.in_features, scheme=s.name,
+            name=n, out_features=w.shape[0], in_features=w.shape[1], scheme=s.name,
             weight_sqnr_db=_sqnr_db(w, w_hat), output_sqnr_db=out_sqnr,
-            bytes_before=m.weight.numel() * m.weight.element_size() + bias_bytes, bytes_after=q.nbytes))
+            bytes_before=_linear_bytes(m), bytes_after=q.nbytes))
         new[n] = q
         log.debug("%s %s: weight SQNR %.2f dB", n, s.name, report.layers[-1].weight_sqnr_db)
     for n, q in new.items():
