@@ -37,7 +37,7 @@ class GPTQ:
             act-order).
         damp: fraction of the mean Hessian diagonal added to the diagonal (1% in the paper).
         max_damp_retries: when the damped Hessian is not positive definite, multiply
-            ``damp`` by 10 and retry this many times (logged) before failing.
+            ``damp`` by 10 (0 becomes 0.01) and retry this many times (logged) before failing.
         block_size: columns per lazy batch (128 in the paper); widened to whole groups.
         true_sequential: inside a transformer block, quantize the layers in the order the
             block calls them (attention inputs, attention output, MLP...), recomputing the
@@ -124,9 +124,10 @@ def gptq_quantize_weight(w: Tensor, hessian: Tensor, scheme: QuantScheme, option
                     f"lowbit GPTQ: layer '{name}': the Hessian is not positive definite even with damp = "
                     f"{damp:g} (after {o.max_damp_retries} retries from {o.damp:g}); calibrate on more "
                     "or more varied samples, or pass GPTQ(damp=...) larger") from e
+            nxt = damp * 10 if damp > 0 else 0.01
             log.warning("GPTQ %s: damped Hessian not positive definite with damp=%g; retrying with %g",
-                        name, damp, damp * 10)
-            damp *= 10
+                        name, damp, nxt)
+            damp = nxt
     if not torch.isfinite(scales).all():
         raise ValueError(f"lowbit GPTQ: layer '{name}': a scale overflows {scheme.scale_dtype}; "
                          "use scale_dtype=torch.float32 for this layer")
