@@ -24,6 +24,7 @@ import torch
 from . import data
 from . import eval as lbeval
 from ._report import format_table
+from .algorithms.gptq import GPTQ
 from .api import METHODS, QuantReport, model_bytes, quantize
 from .config import PRESETS, QuantConfig
 
@@ -103,7 +104,7 @@ def compare(
     model_name: str,
     schemes: list[str],
     *,
-    method: str = "rtn",
+    method: str | GPTQ = "rtn",
     text: str = "wikitext2",
     seqlen: int | None = None,
     max_windows: int | None = None,
@@ -129,7 +130,8 @@ def compare(
         eval_text = _text(text)
         ids = tok(eval_text, return_tensors="pt").input_ids
         calib_len = min(512, seqlen or lbeval.model_context(model) or 512)
-        calib = data.calibration_samples(tok, [_calibration_text(text)], calibration_samples, calib_len, seed=0)
+        calib = (data.calibration_samples(tok, [_calibration_text(text)], calibration_samples, calib_len, seed=0)
+                 if calibration_samples > 0 else None)
 
         def measure(m):
             ppl = lbeval.perplexity(m, input_ids=ids, seqlen=seqlen, max_windows=max_windows, progress=progress)
@@ -139,9 +141,8 @@ def compare(
         sents = data.sentences(n=sentences)
         # Calibration sentences from the other end of the source, not the scored ones.
         pool = data.sentences()
-        calib = tok(pool[-calibration_samples * 4:], return_tensors="pt", padding=True, truncation=True,
-                    max_length=128)
-        calib = dict(calib)
+        calib = (dict(tok(pool[-calibration_samples * 4:], return_tensors="pt", padding=True, truncation=True,
+                          max_length=128)) if calibration_samples > 0 else None)
         baseline = model
 
         def measure(m):
@@ -204,6 +205,13 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--model", default="smollm2",
                         help=f"a built-in model or a local Hugging Face folder (default smollm2). {model_help}")
         sp.add_argument("--method", default="rtn", choices=list(METHODS), help="quantization method (default rtn)")
+        sp.add_argument("--act-order", action="store_true", help="GPTQ: columns in descending Hessian-diagonal order")
+        sp.add_argument("--static-groups", action="store_true",
+                        help="GPTQ: group scales from the original weight (no permutation at inference)")
+        sp.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of the mean diagonal")
+        sp.add_argument("--calibration-samples", type=int, default=8,
+                        help="windows of real text (512 tokens; sentences for encoders) for calibration: GPTQ's "
+                             "Hessians and each layer's output SQNR (default 8; 0: none, RTN only)")
         sp.add_argument("--dtype", default="float32", choices=list(_DTYPES),
                         help="dtype the model is loaded and run in (default float32)")
         sp.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
@@ -215,8 +223,6 @@ def _parser() -> argparse.ArgumentParser:
                                    "(Saving checkpoints comes with lowbit's checkpoint formats.)")
     q.add_argument("--scheme", default="W4A16", help=scheme_help + " (default W4A16)")
     q.add_argument("--layers", action="store_true", help="print the per-layer table, not just the summary")
-    q.add_argument("--calibration-samples", type=int, default=8,
-                   help="windows of real text used to measure each layer's output SQNR (default 8; 0: none)")
     common(q)
 
     e = sub.add_parser("eval", help="compare baseline and quantized models (perplexity or embedding similarity)",
@@ -233,6 +239,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--sentences", type=int, default=512, help="sentences for encoder similarity (default 512)")
     common(e)
     return p
+
+
+def _method(args):
+    """"rtn", or the GPTQ options the flags ask for."""
+    if args.method == "gptq":
+        return GPTQ(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp)
+    return args.method
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,15 +269,16 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     calib = dict(tok(data.sentences(n=args.calibration_samples * 4), return_tensors="pt",
                                      padding=True, truncation=True, max_length=128))
-            report = quantize(model, config, args.method, calibration=calib, progress=not args.quiet)
+            report = quantize(model, config, _method(args), calibration=calib, progress=not args.quiet)
             print(report.table() if args.layers else "", end="\n" if args.layers else "")
             print(report.summary())
             if args.json:
                 Path(args.json).write_text(json.dumps(report.to_dict(), indent=1))
         else:
-            rows, reports = compare(args.model, args.scheme, method=args.method, text=args.text, seqlen=args.seqlen,
+            rows, reports = compare(args.model, args.scheme, method=_method(args), text=args.text, seqlen=args.seqlen,
                                     max_windows=args.max_windows, decode_tokens=args.decode_tokens,
-                                    sentences=args.sentences, dtype=dtype, progress=not args.quiet)
+                                    sentences=args.sentences, dtype=dtype,
+                                    calibration_samples=args.calibration_samples, progress=not args.quiet)
             print(f"{args.model}, {args.method}, {torch.get_num_threads()} CPU threads")
             print(format_rows(rows))
             if args.json:
