@@ -13,7 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/eye.h>
 #include <ATen/ops/full_like.h>
-#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/linalg_cholesky_ex.h>
 #include <ATen/ops/linalg_solve_triangular.h>
 #include <ATen/ops/matmul.h>
@@ -129,22 +129,28 @@ inline std::tuple<at::Tensor, at::Tensor> gptq_group_params(const at::Tensor& wg
   return {stored, zero.to(at::kInt)};
 }
 
-// Inverse of a lower-triangular l [n, n]: recursive 2x2 blocks, so most of the work is
-// two GEMMs per level (the BLAS's fastest path) rather than a triangular solve.
-inline at::Tensor lower_triangular_inverse(const at::Tensor& l) {
+// out <- inverse of the lower-triangular l [n, n] (out: an [n, n] view whose upper
+// triangle is already zero). Recursive 2x2 blocks, so most of the work is two GEMMs per
+// level (the BLAS's fastest path) rather than a triangular solve with an identity.
+inline void lower_triangular_inverse(const at::Tensor& l, at::Tensor out) {
   const int64_t n = l.size(0);
   if (n <= 256) {
-    return at::linalg_solve_triangular(l, at::eye(n, l.options()), /*upper=*/false);
+    out.copy_(at::linalg_solve_triangular(l, at::eye(n, l.options()), /*upper=*/false));
+    return;
   }
   const int64_t h = n / 2;
-  const at::Tensor ai = lower_triangular_inverse(l.narrow(0, 0, h).narrow(1, 0, h));
-  const at::Tensor ci = lower_triangular_inverse(l.narrow(0, h, n - h).narrow(1, h, n - h));
-  at::Tensor out = at::zeros({n, n}, l.options());
-  out.narrow(0, 0, h).narrow(1, 0, h).copy_(ai);
-  out.narrow(0, h, n - h).narrow(1, h, n - h).copy_(ci);
+  at::Tensor ai = out.narrow(0, 0, h).narrow(1, 0, h);
+  at::Tensor ci = out.narrow(0, h, n - h).narrow(1, h, n - h);
+  lower_triangular_inverse(l.narrow(0, 0, h).narrow(1, 0, h), ai);
+  lower_triangular_inverse(l.narrow(0, h, n - h).narrow(1, h, n - h), ci);
   at::Tensor lower_left = out.narrow(0, h, n - h).narrow(1, 0, h);
   lower_left.addmm_(at::matmul(ci, l.narrow(0, h, n - h).narrow(1, 0, h)), ai, /*beta=*/0.0, /*alpha=*/-1.0);
-  return out;
+}
+
+// NaN or Inf anywhere: a float64 sum is NaN/Inf exactly then (a float32 tensor cannot
+// overflow it), one pass instead of isfinite's temporaries.
+inline bool all_finite(const at::Tensor& t) {
+  return t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>());
 }
 
 inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Tensor& h_, const GptqArgs& a) {
@@ -155,9 +161,9 @@ inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Ten
   GptqPlan p;
   p.gs = k > 0 ? std::min(a.group_size, k) : a.group_size;
   p.groups = num_groups(k, p.gs);
-  LOWBIT_CHECK(at::isfinite(w_).all().item<bool>(), op,
+  LOWBIT_CHECK(all_finite(w_), op,
                "argument 'w' has NaN or Inf; GPTQ needs a finite weight");
-  LOWBIT_CHECK(at::isfinite(h_).all().item<bool>(), op,
+  LOWBIT_CHECK(all_finite(h_), op,
                "argument 'hessian' has NaN or Inf (the calibration activations had NaN or Inf); "
                "check the model's outputs on the calibration data in full precision");
   at::Tensor w = w_.to(wt_dtype).clone(at::MemoryFormat::Contiguous);
@@ -205,7 +211,9 @@ inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Ten
   auto [m, info] = at::linalg_cholesky_ex(h.flip({0, 1}), /*upper=*/false, /*check_errors=*/false);
   LOWBIT_CHECK(info.item<int64_t>() == 0, op, "the damped Hessian is not positive definite (damp = ",
                a.damp, "); raise 'damp' or calibrate on more samples");
-  const at::Tensor u = lower_triangular_inverse(m).flip({0, 1});
+  at::Tensor m_inv = at::zeros_like(m);
+  lower_triangular_inverse(m, m_inv);
+  const at::Tensor u = m_inv.flip({0, 1});
   p.u = u.contiguous();
   p.wt = w.t().contiguous();
   // Without static groups every block holds whole groups, so a group's scale sees every
