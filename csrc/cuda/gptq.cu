@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kWarps * 32) gptq_block_kernel(
     T* __restrict__ scales, int32_t* __restrict__ zeros, const int32_t* __restrict__ group_of,
     double* __restrict__ loss_parts, int64_t k, int64_t n, int64_t b0, int64_t b1, int64_t gs,
     bool params_in_loop, int bits, bool symmetric, T clip, int scale_dtype) {
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* tile = reinterpret_cast<T*>(smem_raw);  // [B][kTileN]
   __shared__ T e_s[kTileN];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
