@@ -54,6 +54,7 @@ inline void accumulate_hessian_impl(const char* op, at::Tensor& h, const at::Ten
   check_hessian_args(op, h, x);
   LOWBIT_CHECK(num_seen >= 0, op, "argument 'num_seen' must be >= 0, got ", num_seen);
   const int64_t k = h.size(0);
+  if (k == 0) return;   // nothing to accumulate (and [-1, 0] is not a shape)
   const at::Tensor xf = x.reshape({-1, k}).to(h.scalar_type());
   const int64_t m = xf.size(0);
   if (m == 0) return;

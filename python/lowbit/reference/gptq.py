@@ -51,6 +51,8 @@ def accumulate_hessian(hessian: Tensor, x: Tensor, num_seen: int) -> Tensor:
     new ``[K, K]`` tensor of ``hessian``'s dtype, accumulated in float64 here.
     """
     k = hessian.shape[0]
+    if k == 0:
+        return hessian.clone()
     xf = x.reshape(-1, k).double()
     m = xf.shape[0]
     if m == 0:
