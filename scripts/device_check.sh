@@ -31,11 +31,13 @@ except TypeError as e:
     print('probe [$pre]: raised TypeError as expected')" 2>&1 | tail -1 || echo "probe [$pre]: crashed"
 done | tee -a "$OUT/device.txt"
 stamp probes
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 200 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 8 \
-  tests/ops tests/calibration tests/algorithms tests/api/test_quant_linear.py -k "$KEXPR" 2>&1 \
-  | tee "$OUT/pytest.log" | tail -25
+# The ops' CUDA cases, then the GPTQ pipeline whole (its default device is CUDA there).
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 130 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 12 \
+  tests/ops tests/api/test_quant_linear.py -k "$KEXPR" 2>&1 | tee "$OUT/pytest.log" | tail -15
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 70 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 8 \
+  tests/calibration/test_gptq_pipeline.py 2>&1 | tee -a "$OUT/pytest.log" | tail -15
 stamp tests
-timeout 150 python3 benchmarks/bench_gptq.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_gptq.log" | tail -30
+timeout 120 python3 benchmarks/bench_gptq.py --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench_gptq.log" | tail -30
 stamp bench_gptq
 timeout 60 python3 benchmarks/bench_linear.py --device cuda --quick --out "$OUT/bench_linear_cuda.json" 2>&1 \
   | tee "$OUT/bench_linear.log" | tail -15
