@@ -114,12 +114,17 @@ def _model_device(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def _capture_first_block(model: nn.Module, first: nn.Module, kwargs: dict, n: int, batch_size: int,
-                         device: torch.device) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) of the first block's call, per calibration batch, on ``device``."""
+                         device: torch.device) -> tuple[list[tuple[tuple, dict]], list[Tensor | None]]:
+    """(args, kwargs) of the first block's call per calibration batch, on ``device``, and
+    each batch's 2-D attention mask (bool ``[b, L]``; None without one): padding tokens
+    are left out of the Hessians."""
     got: list[tuple[tuple, dict]] = []
+    masks: list[Tensor | None] = []
+    current: list[Tensor | None] = [None]
 
     def hook(_mod, args, kw):
         got.append((_to(args, device), _to(kw, device)))
+        masks.append(current[0])
         raise _Stop
 
     h = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -130,6 +135,8 @@ def _capture_first_block(model: nn.Module, first: nn.Module, kwargs: dict, n: in
         for b0 in range(0, n, batch_size):
             batch = {k: (v[b0:b0 + batch_size] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
                      for k, v in kwargs.items()}
+            mask = batch.get("attention_mask")
+            current[0] = mask.to(device).bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
             try:
                 model(**_to(batch, mdev), **extra)
             except _Stop:
@@ -138,7 +145,7 @@ def _capture_first_block(model: nn.Module, first: nn.Module, kwargs: dict, n: in
                                    "blocks='<dotted path of the nn.ModuleList of blocks>'")
     finally:
         h.remove()
-    return got
+    return got, masks
 
 
 def _first_output(out):
@@ -190,9 +197,16 @@ def _call_order(block: nn.Module, names: list[str], inputs: list[tuple[tuple, di
 
 
 @torch.no_grad()
-def _hessians(block: nn.Module, names: list[str], inputs, dtype: torch.dtype, device) -> tuple[dict, dict]:
+def _hessians(block: nn.Module, names: list[str], inputs, masks, dtype: torch.dtype, device,
+              stop_early: bool) -> tuple[dict, dict]:
+    """Hessians ``2 X^T X / n`` of the layers ``names`` of ``block`` over every calibration
+    batch (rows under a 0 of the attention mask left out). With ``stop_early`` the block's
+    forward stops once all of them have seen their input: later layers' outputs are not
+    needed for these Hessians (true-sequential groups)."""
     hs: dict[str, Tensor] = {}
     seen: dict[str, int] = {}
+    called: set[str] = set()
+    current: list[Tensor | None] = [None]
     handles = []
     for nm in names:
         mod = block.get_submodule(nm)
@@ -202,13 +216,24 @@ def _hessians(block: nn.Module, names: list[str], inputs, dtype: torch.dtype, de
 
         def hook(_m, args, nm=nm):
             x = args[0].detach()
+            mask = current[0]
+            if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]
             rows = x.numel() // x.shape[-1]
             ops.accumulate_hessian(hs[nm], x, seen[nm])
             seen[nm] += rows
+            called.add(nm)
+            if stop_early and len(called) == len(names):
+                raise _Stop
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        for args, kw in inputs:
-            block(*args, **kw)
+        for (args, kw), mask in zip(inputs, masks):
+            current[0] = mask
+            called.clear()
+            try:
+                block(*args, **kw)
+            except _Stop:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -249,7 +274,7 @@ def gptq_model(
         else:
             outside.append(name)
 
-    inputs = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
+    inputs, masks = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
     results: dict[str, LayerResult] = {}
     bar = tqdm(range(len(layers)), desc="lowbit gptq", unit="block", disable=not progress)
     for i in bar:
@@ -258,9 +283,12 @@ def gptq_model(
         if names:
             groups = _call_order(block, names, inputs) if options.true_sequential else [names]
             for group in groups:
-                hs, seen = _hessians(block, group, inputs, options.hessian_dtype, device)
+                hs, seen = _hessians(block, group, inputs, masks, options.hessian_dtype, device,
+                                     stop_early=options.true_sequential)
                 for nm in group:
                     full = f"{prefix}.{i}.{nm}"
+                    if seen[nm] == 0:      # never called on this data: no Hessian, RTN below
+                        continue
                     mod = block.get_submodule(nm)
                     w_view = linear_weight(mod)
                     w = w_view.detach().float()

@@ -141,7 +141,9 @@ def compare(
         sents = data.sentences(n=sentences)
         # Calibration sentences from the other end of the source, not the scored ones.
         pool = data.sentences()
-        calib = (dict(tok(pool[-calibration_samples * 4:], return_tensors="pt", padding=True, truncation=True,
+        scored = set(sents)
+        unscored = [t for t in pool if t not in scored]
+        calib = (dict(tok(unscored[-calibration_samples * 4:], return_tensors="pt", padding=True, truncation=True,
                           max_length=128)) if calibration_samples > 0 else None)
         baseline = model
 

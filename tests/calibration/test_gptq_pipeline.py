@@ -576,3 +576,57 @@ def test_damp_zero_retries_with_001(caplog):
                                    GPTQ(damp=0.0, max_damp_retries=1), "x")
     assert res.damp == pytest.approx(0.01)
     assert any("retrying with 0.01" in r.getMessage() for r in caplog.records)
+
+
+# -- padding, layers a block never calls --------------------------------------------------------
+
+def test_padding_rows_left_out_of_hessians():
+    from lowbit.calibration import gptq_model
+
+    model, vocab = tiny_model("llama")
+    ids = _ids(vocab, (4, 32))
+    mask = torch.ones_like(ids)
+    mask[1, 20:] = 0
+    mask[3, 5:] = 0
+    cfg = QuantConfig.preset(SCHEME)
+    schemes = {n: cfg.scheme_for(n) for n, m in model.named_modules() if is_linear_like(m) and cfg.is_target(n, m)}
+    results, _ = gptq_model(model, schemes, GPTQ(), {"input_ids": ids, "attention_mask": mask}, device="cpu",
+                            progress=False)
+    assert results and all(r.samples == int(mask.sum()) for r in results.values())
+
+
+class _SkipBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.unused = nn.Linear(32, 32)    # never called: no Hessian, so RTN
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class _SkipModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.layers = nn.ModuleList(_SkipBlock() for _ in range(2))
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids)
+        for blk in self.layers:
+            x = blk(x)
+        return x
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_layer_never_called_gets_rtn_not_zeros(true_sequential):
+    model = _SkipModel().eval()
+    w = model.layers[0].unused.weight.detach().clone()
+    report = _quant(model, GPTQ(true_sequential=true_sequential), torch.randint(0, 50, (8, 16)))
+    rows = {r.name: r for r in report.layers}
+    assert rows["layers.0.unused"].gptq_loss is None and rows["layers.0.fc1"].gptq_loss is not None
+    # RTN at 4 bits g32 on a uniform init: about 18 dB; a zeroed weight would be 0 dB.
+    assert rows["layers.0.unused"].weight_sqnr_db > 12
+    w_hat = model.get_submodule("layers.0.unused").dequantize(torch.float32)
+    assert _rel(w, w_hat) < 0.2
