@@ -79,7 +79,7 @@ from lowbit._report import format_table
 from lowbit.reference import gptq as ref_gptq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import device_description, run_info, time_once  # noqa: E402
+from bench_quantize import device_description, run_info, setup_run, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(4096, 4096, "7B q/k/v/o"), (11008, 4096, "7B gate/up"), (4096, 11008, "7B down")]
@@ -512,14 +512,10 @@ NOTES = [
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_gptq: --device cuda needs a CUDA GPU", file=sys.stderr)
+    desc = setup_run("bench_gptq", args)
+    if desc is None:
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     t_start = time.perf_counter()
-    desc = device_description(args.device)
     print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
     load_before = _loadavg()

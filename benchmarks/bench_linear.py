@@ -55,7 +55,7 @@ from lowbit import reference as ref
 from lowbit._report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import Timer, copy_bandwidth, device_description, run_info, time_once  # noqa: E402
+from bench_quantize import Timer, copy_bandwidth, device_description, run_info, setup_run, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # (N, K, layer): Llama-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up, down (its q/o are
@@ -315,14 +315,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_linear: --device cuda needs a CUDA GPU", file=sys.stderr)
+    desc = setup_run("bench_linear", args)
+    if desc is None:
         return 2
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     t_start = time.perf_counter()
-    desc = device_description(args.device)
     print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}; "
           f"decode weights rotated through {args.rotate_mib} MiB")

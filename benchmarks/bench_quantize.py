@@ -257,6 +257,18 @@ def _loadavg() -> float | None:
         return None
 
 
+def setup_run(name: str, args) -> str | None:
+    """Common start of a benchmark's main: --device cuda needs a GPU (None: the caller exits
+    with 2), --threads applied, seed 0. Returns the device description."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"{name}: --device cuda needs a CUDA GPU", file=sys.stderr)
+        return None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    return device_description(args.device)
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,

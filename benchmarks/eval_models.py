@@ -19,13 +19,15 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantize import git_commit  # noqa: E402
 
 import lowbit
 from lowbit import cli, models
@@ -46,14 +48,6 @@ def schemes_for(model) -> list[str]:
     return out + ["W4A16-pc", "W4A16-pc-asym"]
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=list(models.MODELS), choices=list(models.MODELS))
@@ -65,7 +59,7 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING)
 
-    results = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
+    results = {"date": datetime.date.today().isoformat(), "commit": git_commit() or "unknown", "torch": torch.__version__,
                "lowbit": lowbit.__version__, "cpu": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "method": "rtn", "models": {}}
     for name in args.models:

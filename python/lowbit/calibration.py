@@ -31,6 +31,7 @@ from . import ops
 from .algorithms.gptq import GPTQ, GPTQResult, gptq_quantize_weight
 from .architectures import find_blocks
 from .config import QuantScheme
+from .eval import model_context
 from .nn import QuantLinear, linear_weight
 
 __all__ = ["CalibrationError", "gptq_model", "LayerResult", "check_calibration"]
@@ -60,15 +61,6 @@ class LayerResult:
     samples: int            # rows (tokens) in the Hessian
 
 
-def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "config", None)
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        v = getattr(cfg, attr, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 def check_calibration(model: nn.Module, calibration) -> tuple[dict, int]:
     """Validated calibration as keyword arguments (``input_ids`` int64 ``[B, L]`` plus any
     other tensors) and the sample count ``B``. Errors say what to pass instead."""
@@ -89,7 +81,7 @@ def check_calibration(model: nn.Module, calibration) -> tuple[dict, int]:
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise CalibrationError(f"lowbit.quantize: calibration has zero samples (shape {list(ids.shape)}); GPTQ "
                                "needs at least one sequence (128 x 2048 tokens is the paper's setting)")
-    ctx = _context_length(model)
+    ctx = model_context(model)
     if ctx is not None and ids.shape[1] > ctx:
         raise CalibrationError(f"lowbit.quantize: calibration sequences have {ids.shape[1]} tokens but the model's "
                                f"context is {ctx}; cut them to at most {ctx} (calibration_samples(..., seqlen={ctx}))")
