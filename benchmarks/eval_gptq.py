@@ -33,12 +33,14 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_quantize import git_commit  # noqa: E402
 
 import lowbit
 from lowbit import cli, data, models
@@ -64,14 +66,6 @@ METHODS = {
     "gptq-act": lowbit.GPTQ(act_order=True),
     "gptq-act-static": lowbit.GPTQ(act_order=True, static_groups=True),
 }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def split_tinystories() -> tuple[str, str]:
@@ -214,7 +208,7 @@ def main() -> int:
 
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update({"date": datetime.date.today().isoformat(), "commit": git_commit(), "torch": torch.__version__,
+    results.update({"date": datetime.date.today().isoformat(), "commit": git_commit() or "unknown", "torch": torch.__version__,
                     "lowbit": lowbit.__version__, "cpu": platform.processor() or platform.machine(),
                     "threads": torch.get_num_threads(),
                     "methods": {k: (v if isinstance(v, str) else repr(v)) for k, v in METHODS.items()},
