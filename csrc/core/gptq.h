@@ -212,9 +212,13 @@ inline GptqPlan gptq_prepare(const char* op, const at::Tensor& w_, const at::Ten
   auto [m, info] = at::linalg_cholesky_ex(h.flip({0, 1}), /*upper=*/false, /*check_errors=*/false);
   LOWBIT_CHECK(info.item<int64_t>() == 0, op, "the damped Hessian is not positive definite (damp = ",
                a.damp, "); raise 'damp' or calibrate on more samples");
+  diag.reset();
+  h.reset();          // K x K buffers are the memory peak at large K: drop each when done
   at::Tensor m_inv = at::zeros_like(m);
   lower_triangular_inverse(m, m_inv);
+  m.reset();
   const at::Tensor u = m_inv.flip({0, 1});
+  m_inv.reset();
   p.u = u.contiguous();
   p.wt = w.t().contiguous();
   // Without static groups every block holds whole groups, so a group's scale sees every

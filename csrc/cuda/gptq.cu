@@ -158,10 +158,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gptq_solv
     C10_CUDA_CHECK(cudaGetDevice(&dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     LOWBIT_CHECK(smem + kTileN * sizeof(scalar_t) <= static_cast<size_t>(max_smem), op,
-                 "a block of ", std::min(p.block, k), " columns (group_size ", group_size,
-                 " without static groups widens blocks to whole groups) needs ", smem,
+                 "a block of ", std::min(p.block, k), " columns (block_size ", block_size,
+                 ", widened to whole groups of group_size ", group_size, " without static groups) of ",
+                 sizeof(scalar_t) == 8 ? "float64" : "float32", " needs ", smem,
                  " bytes of shared memory per CTA, over this GPU's ", max_smem,
-                 "; use a smaller group_size or static_groups=True");
+                 "; use a smaller block_size (or group_size), or float32 (hessian_dtype)");
     C10_CUDA_CHECK(cudaFuncSetAttribute(gptq_block_kernel<scalar_t>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     return gptq_run(p, codes_t, [&](int64_t b0, int64_t b1, at::Tensor& e) {

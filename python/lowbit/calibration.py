@@ -81,6 +81,12 @@ def check_calibration(model: nn.Module, calibration) -> tuple[dict, int]:
     if ids.shape[0] == 0 or ids.shape[1] == 0:
         raise CalibrationError(f"lowbit.quantize: calibration has zero samples (shape {list(ids.shape)}); GPTQ "
                                "needs at least one sequence (128 x 2048 tokens is the paper's setting)")
+    types = getattr(getattr(model, "config", None), "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(set(types)) > 1:
+        raise CalibrationError(
+            f"lowbit.quantize: this model's blocks take different attention inputs per layer type "
+            f"({sorted(set(map(str, types)))}: e.g. sliding-window and full attention); block-by-block "
+            "calibration replays the first block's attention inputs to every block and does not support it yet")
     ctx = model_context(model)
     if ctx is not None and ids.shape[1] > ctx:
         raise CalibrationError(f"lowbit.quantize: calibration sequences have {ids.shape[1]} tokens but the model's "
@@ -144,10 +150,6 @@ def _first_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _hidden(args: tuple, kw: dict) -> Tensor:
-    return args[0] if args else kw["hidden_states"]
-
-
 def _with_hidden(args: tuple, kw: dict, h: Tensor) -> tuple[tuple, dict]:
     if args:
         return (h,) + tuple(args[1:]), kw
@@ -157,33 +159,39 @@ def _with_hidden(args: tuple, kw: dict, h: Tensor) -> tuple[tuple, dict]:
 @torch.no_grad()
 def _call_order(block: nn.Module, names: list[str], inputs: list[tuple[tuple, dict]]) -> list[list[str]]:
     """The targeted linears of ``block`` grouped as the block calls them: consecutive layers
-    that read the same input tensor form one group (q/k/v, then o, then gate/up, down)."""
-    order: list[tuple[str, int]] = []
+    that read the same input tensor (the same object) form one group (q/k/v, then o, then
+    gate/up, down). Batches are run until every layer has been called once."""
+    order: list[tuple[str, Tensor]] = []     # the inputs are kept alive: no address reuse
     handles = []
     for nm in names:
         mod = block.get_submodule(nm)
 
         def hook(_m, args, nm=nm):
             if all(o[0] != nm for o in order):
-                order.append((nm, args[0].data_ptr()))
+                order.append((nm, args[0]))
+            if len(order) == len(names):
+                raise _Stop
         handles.append(mod.register_forward_pre_hook(hook))
     try:
-        args, kw = inputs[0]
-        block(*args, **kw)
+        for args, kw in inputs:
+            try:
+                block(*args, **kw)
+            except _Stop:
+                break
     finally:
         for h in handles:
             h.remove()
     groups: list[list[str]] = []
-    last_ptr = None
-    for nm, ptr in order:
-        if groups and ptr == last_ptr:
+    last = None
+    for nm, x in order:
+        if groups and x is last:
             groups[-1].append(nm)
         else:
             groups.append([nm])
-        last_ptr = ptr
+        last = x
     missing = [nm for nm in names if all(nm != o[0] for o in order)]
     if missing:
-        log.warning("GPTQ: layers %s were not called by their block on the calibration data; "
+        log.warning("GPTQ: layers %s were not called by their block on any calibration batch; "
                     "they get round-to-nearest", missing)
     return groups
 
@@ -266,17 +274,27 @@ def gptq_model(
         else:
             outside.append(name)
 
-    inputs, masks = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()        # no dropout in the capture pass; the flags are put back after it
+    try:
+        inputs, masks = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
+    finally:
+        for m, t in flags:
+            m.training = t
     results: dict[str, LayerResult] = {}
     bar = tqdm(range(len(layers)), desc="lowbit gptq", unit="block", disable=not progress)
     for i in bar:
-        block = copy.deepcopy(layers[i]).to(device)
+        block = copy.deepcopy(layers[i]).to(device).eval()
         names = per_block[i]
         if names:
             groups = _call_order(block, names, inputs) if options.true_sequential else [names]
             for group in groups:
-                hs, seen = _hessians(block, group, inputs, masks, options.hessian_dtype, device,
+                # A true-sequential group reads one tensor: one Hessian serves all its layers.
+                lead = group[:1] if options.true_sequential else group
+                hs, seen = _hessians(block, lead, inputs, masks, options.hessian_dtype, device,
                                      stop_early=options.true_sequential)
+                for nm in group[1:] if options.true_sequential else []:
+                    hs[nm], seen[nm] = hs[group[0]], seen[group[0]]
                 for nm in group:
                     full = f"{prefix}.{i}.{nm}"
                     if seen[nm] == 0:      # never called on this data: no Hessian, RTN below

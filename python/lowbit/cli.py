@@ -246,7 +246,11 @@ def _parser() -> argparse.ArgumentParser:
 def _method(args):
     """"rtn", or the GPTQ options the flags ask for."""
     if args.method == "gptq":
+        if args.calibration_samples <= 0:
+            raise ValueError("--method gptq needs calibration data: --calibration-samples must be positive")
         return GPTQ(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp)
+    if args.act_order or args.static_groups or args.damp != 0.01:
+        raise ValueError("--act-order, --static-groups and --damp are GPTQ options: add --method gptq")
     return args.method
 
 

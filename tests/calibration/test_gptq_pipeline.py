@@ -640,3 +640,64 @@ def test_layer_never_called_gets_rtn_not_zeros(true_sequential):
     assert rows["layers.0.unused"].weight_sqnr_db > 12
     w_hat = model.get_submodule("layers.0.unused").dequantize(torch.float32)
     assert _rel(w, w_hat) < 0.2
+
+
+# -- review fixes: per-layer-type attention inputs, call-order grouping, train mode ----------------
+
+def test_mixed_layer_types_are_refused():
+    model, vocab = tiny_model("llama")
+    model.config.layer_types = ["sliding_attention", "full_attention"]
+    snap = _snapshot(model)
+    with pytest.raises(CalibrationError, match="per layer type"):
+        _quant(model, "gptq", _ids(vocab))
+    _assert_unmodified(model, snap)
+
+
+def test_call_order_groups_by_tensor_not_address():
+    # Hidden 256, 2 x 128 tokens: the attention output (o_proj's input) can be freed before
+    # the MLP's normed input is allocated at the same address; grouping by data_ptr() then
+    # merged o_proj with gate/up (seen in review). Grouping by identity keeps four groups.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.calibration import _call_order, _capture_first_block
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    layers = model.model.layers
+    inputs, _ = _capture_first_block(model, layers[0], {"input_ids": torch.randint(0, 64, (2, 128))}, 2, 2,
+                                     torch.device("cpu"))
+    names = [n for n, m in layers[0].named_modules() if isinstance(m, nn.Linear)]
+    assert _call_order(layers[0], names, inputs) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_training_flags_restored():
+    model, vocab = tiny_model("opt")
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.5
+    model.train()
+    model.model.decoder.layers[1].eval()
+    before = {n: m.training for n, m in model.named_modules()}
+    report = _quant(model, "gptq", _ids(vocab), device="cpu")
+    assert report.layers and all(r.gptq_loss is not None for r in report.layers)
+    after = {n: m.training for n, m in model.named_modules() if not isinstance(m, QuantLinear)}
+    assert after == {n: t for n, t in before.items() if n in after}
+    assert model.training and not model.model.decoder.layers[1].training
+
+
+def test_train_mode_model_calibrates_without_dropout():
+    model, vocab = tiny_model("bert")
+    model.bert.embeddings.dropout.p = 0.5      # applied to the first block's input in train mode
+    model.train()
+    calib = _ids(vocab)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    _quant(a, "gptq", calib, device="cpu")
+    _quant(b, "gptq", calib, device="cpu")
+    ca, cb = _codes(a), _codes(b)
+    # Block 0's first group sees only the embeddings: identical unless dropout ran.
+    for nm in ("query", "key", "value"):
+        key = f"bert.encoder.layer.0.attention.self.{nm}"
+        assert torch.equal(ca[key], cb[key]), key
