@@ -1,7 +1,16 @@
 """Plain-text tables for scripts, benchmarks and the CLI (returns strings; never prints)."""
 from __future__ import annotations
 
-__all__ = ["format_table"]
+import math
+
+__all__ = ["format_table", "ratio_db"]
+
+
+def ratio_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` for energies (SQNR): inf without noise, -inf without signal."""
+    if noise <= 0:
+        return math.inf
+    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
 
 
 def format_table(headers: list[str], rows: list[list], right: set[int]) -> str:

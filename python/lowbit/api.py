@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._report import format_table
+from ._report import format_table, ratio_db
 from .config import QuantConfig, QuantScheme
 from .algorithms.gptq import GPTQ
 from .nn import QuantLinear, is_linear_like, linear_weight
@@ -110,11 +110,7 @@ def model_bytes(model: nn.Module) -> int:
 
 def _sqnr_db(ref: Tensor, out: Tensor) -> float:
     ref, out = ref.double(), out.double()
-    noise = (ref - out).pow(2).sum().item()
-    signal = ref.pow(2).sum().item()
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
+    return ratio_db(ref.pow(2).sum().item(), (ref - out).pow(2).sum().item())
 
 
 def _validate(name: str, module: nn.Module, scheme: QuantScheme) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import ops
+from ._report import ratio_db
 from .algorithms.gptq import GPTQ, GPTQResult, gptq_quantize_weight
 from .architectures import find_blocks
 from .config import QuantScheme
@@ -305,8 +306,8 @@ def gptq_model(
                     res = gptq_quantize_weight(w, hs[nm], schemes[full], options, full)
                     w_hat = res.dequantize(torch.float32)
                     h = hs[nm].float()
-                    out_db = _db(_trace(w, h), _trace(w - w_hat, h))
-                    w_db = _db(float(w.pow(2).sum()), float((w - w_hat).pow(2).sum()))
+                    out_db = ratio_db(_trace(w, h), _trace(w - w_hat, h))
+                    w_db = ratio_db(float(w.pow(2).sum()), float((w - w_hat).pow(2).sum()))
                     w_view.copy_(w_hat.to(w_view.dtype))
                     orig = model.get_submodule(full)
                     results[full] = LayerResult(full, _to_layer(res, schemes[full], orig), w_db, out_db,
@@ -334,11 +335,3 @@ def _to_layer(r: GPTQResult, scheme: QuantScheme, orig: nn.Module) -> QuantLinea
         codes.to(dev), scales.to(dev), zeros.to(dev), scheme.bits, scheme.group_size, symmetric=scheme.symmetric,
         bias=None if bias is None else bias.detach(), scale_dtype=scheme.scale_dtype,
         perm=None if perm is None else perm.to(dev))
-
-
-def _db(signal: float, noise: float) -> float:
-    import math
-
-    if noise <= 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf

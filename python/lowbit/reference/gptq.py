@@ -33,8 +33,6 @@ Details that the paper leaves open, fixed here and followed by the kernels:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -190,11 +188,3 @@ def layer_loss(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
     d = (w - w_hat).double()
     return float(torch.einsum("nk,kl,nl->", d, hessian.double(), d))
 
-
-def output_sqnr_db(w: Tensor, w_hat: Tensor, hessian: Tensor) -> float:
-    """Output SQNR in dB on the inputs behind ``hessian``: ``10 log10(tr(W H W^T) / tr(D H D^T))``."""
-    noise = layer_loss(w, w_hat, hessian)
-    signal = layer_loss(w, torch.zeros_like(w), hessian)
-    if noise <= 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
