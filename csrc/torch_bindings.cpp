@@ -30,6 +30,24 @@ TORCH_LIBRARY(lowbit, m) {
   // loss (float64, 0-d).
   m.def("accumulate_hessian(Tensor(a!) hessian, Tensor x, int num_seen) -> ()");
   m.def("gptq_solve(Tensor w, Tensor hessian, int bits, int group_size, bool symmetric, float damp, bool act_order, bool static_groups, int block_size, float clip_ratio, ScalarType scale_dtype) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Calibration statistics of a linear layer's input x [..., K] (reference/activation.py):
+  // absmax float32 [K] <- max(absmax, max |x|), abssum float64 [K] += sum |x| over rows.
+  m.def("activation_stats(Tensor(a!) absmax, Tensor(b!) abssum, Tensor x) -> ()");
+  // AWQ (reference/awq.py). w float32 [N, K] (the linears that share an input, stacked),
+  // gram float32 [K, K] (X^T X / n of that input). scale search: losses float64 [n_grid],
+  // the best per-input-channel scales float32 [K]. clip search: scales float32 [N, G],
+  // zeros int32 [N, G], clip ratios float32 [N, G].
+  m.def("awq_scale_search(Tensor w, Tensor gram, Tensor act_mean, int bits, int group_size, bool symmetric, int n_grid, ScalarType scale_dtype, float max_value) -> (Tensor, Tensor)");
+  m.def("awq_clip_search(Tensor w, Tensor gram, int bits, int group_size, bool symmetric, int n_grid, float max_shrink, ScalarType scale_dtype) -> (Tensor, Tensor, Tensor)");
+  // W8A8 (reference/activation.py, reference/matmul.py, reference/fp8.py). Static int8
+  // activations: x float [..., K] with one float32 scale -> int8 [..., K].
+  // int8_matmul: x int8 [..., K], x_scale float32 per row ([..., 1] or [M]) or one value,
+  // w int8 [N, K], w_scale float32 [N] or one value, bias float [N];
+  // y = float(x w^T) * x_scale * w_scale + bias as out_dtype [..., N].
+  // fp8_matmul: the same with float8_e4m3fn x and w (float32 accumulation).
+  m.def("quantize_per_tensor_int8(Tensor x, Tensor scale) -> Tensor");
+  m.def("int8_matmul(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  m.def("fp8_matmul(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
 }
 
 // A plain extension module: importing lowbit._C runs the static registrations above

@@ -16,14 +16,16 @@ build_info = load_extension()
 
 from . import data, eval, ops, reference  # noqa: E402,A004  (lowbit.eval.perplexity)
 from . import models, nn  # noqa: E402  (lowbit.nn.QuantLinear; models loads transformers lazily)
+from .algorithms.awq import AWQ  # noqa: E402
 from .algorithms.gptq import GPTQ  # noqa: E402
+from .algorithms.smoothquant import SmoothQuant  # noqa: E402
 from .algorithms.rtn import QuantizedWeight, rtn_quantize  # noqa: E402
 from .api import QuantReport, model_bytes, quantize  # noqa: E402
 from .config import PRESETS, QuantConfig, QuantScheme  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
-    "quantize", "GPTQ", "QuantConfig", "QuantScheme", "PRESETS", "QuantReport", "model_bytes", "nn", "models",
+    "quantize", "GPTQ", "AWQ", "SmoothQuant", "QuantConfig", "QuantScheme", "PRESETS", "QuantReport", "model_bytes", "nn", "models",
     "ops", "reference", "data", "eval", "rtn_quantize", "QuantizedWeight", "build_info", "__version__",
 ]
 

@@ -14,14 +14,18 @@ from tqdm.auto import tqdm
 
 from ._report import format_table, ratio_db
 from .config import QuantConfig, QuantScheme
+from .algorithms.awq import AWQ
 from .algorithms.gptq import GPTQ
+from .algorithms.smoothquant import SmoothQuant
 from .nn import QuantLinear, is_linear_like, linear_weight
+from .nn.w8a8 import make_w8a8
 
 __all__ = ["quantize", "QuantReport", "LayerReport", "model_bytes", "METHODS"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "awq", "smoothquant")
+_METHOD_CLASSES = {"gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant}
 
 
 @dataclass
@@ -159,6 +163,20 @@ def _capture_inputs(model: nn.Module, layers: dict[str, nn.Linear], calibration,
     return got
 
 
+def _check_method(method: str, schemes: dict[str, QuantScheme]) -> None:
+    """Methods and schemes that go together: GPTQ and AWQ produce weight-only grids,
+    SmoothQuant prepares activations for W8A8 / FP8."""
+    act = sorted({s.name for s in schemes.values() if not s.weight_only})
+    weight_only = sorted({s.name for s in schemes.values() if s.weight_only})
+    if method in ("gptq", "awq") and act:
+        raise ValueError(f"lowbit.quantize: method {method!r} computes weight-only grids, but the config asks for "
+                         f"{act}; use method='smoothquant' (or 'rtn') for W8A8 / FP8 schemes")
+    if method == "smoothquant" and weight_only:
+        raise ValueError(f"lowbit.quantize: SmoothQuant migrates activation outliers for W8A8 / FP8 schemes, but the "
+                         f"config asks for weight-only {weight_only}; use 'W8A8' / 'FP8' presets, or method='awq' "
+                         "for weight-only schemes")
+
+
 def _linear_bytes(m: nn.Module) -> int:
     bias = getattr(m, "bias", None)
     return m.weight.numel() * m.weight.element_size() + (0 if bias is None else bias.numel() * bias.element_size())
@@ -173,7 +191,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(
     model: nn.Module,
     config: QuantConfig | str = "W4A16",
-    method: str | GPTQ = "rtn",
+    method: str | GPTQ | AWQ | SmoothQuant = "rtn",
     *,
     calibration: Tensor | dict | None = None,
     report_rows: int = 256,
@@ -184,8 +202,10 @@ def quantize(
 ) -> QuantReport:
     """Quantize ``model``'s targeted ``nn.Linear`` layers in place.
 
-    Every layer ``config`` selects is replaced by a :class:`lowbit.nn.QuantLinear` on the
-    same device. All layers are checked first (group size vs in_features, weight dtype,
+    Every layer ``config`` selects is replaced by a :class:`lowbit.nn.QuantLinear` (weight-only
+    schemes) or a :class:`lowbit.nn.W8A8Linear` / :class:`lowbit.nn.FP8Linear` (W8A8, LLM.int8,
+    FP8 schemes) on the same device. AWQ and SmoothQuant also rescale the norms (or linears)
+    that feed the quantized layers, so the model computes the same function before rounding. All layers are checked first (group size vs in_features, weight dtype,
     NaN/Inf) and all are quantized before any is swapped in, so an error leaves the
     model unmodified.
 
@@ -194,11 +214,16 @@ def quantize(
         config: a :class:`QuantConfig` or a preset name (``"W4A16"``, ``"W8A16"``,
             ``"W4A16-g32-asym"``; see :mod:`lowbit.config`).
         method: ``"rtn"`` (round-to-nearest), ``"gptq"`` or a :class:`lowbit.GPTQ` with
-            options (act-order, static groups, dampening, true-sequential...). GPTQ runs
-            block by block (:mod:`lowbit.calibration`); targeted layers outside the
-            transformer blocks get RTN.
+            options (act-order, static groups, dampening, true-sequential...), ``"awq"`` or
+            a :class:`lowbit.AWQ` (weight-only schemes; ``AWQ(gptq=GPTQ())`` runs GPTQ on the
+            scaled weights), ``"smoothquant"`` or a :class:`lowbit.SmoothQuant` (W8A8 / FP8
+            schemes). The calibrated methods run block by block (:mod:`lowbit.calibration`);
+            targeted layers outside the transformer blocks get RTN. RTN with a static
+            activation scheme (``"W8A8-static"``, ``"FP8-static"``) also calibrates, block by
+            block, to measure each layer's input range.
         calibration: inputs of the unquantized model (int64 ``input_ids`` ``[B, L]``, or a
-            dict of keyword arguments with ``input_ids``). Required by GPTQ (e.g.
+            dict of keyword arguments with ``input_ids``). Required by GPTQ, AWQ, SmoothQuant
+            and static activation schemes (e.g.
             ``lowbit.data.calibration_samples(tokenizer, texts, n=128, seqlen=2048)``). For
             RTN it is optional and only measures each layer's output SQNR on up to
             ``report_rows`` of its real inputs; GPTQ reports the exact output SQNR on all
@@ -220,11 +245,17 @@ def quantize(
 def _quantize(model, config, method, calibration, report_rows, progress, device, blocks, batch_size) -> QuantReport:
     if isinstance(config, str):
         config = QuantConfig.preset(config)
-    gptq = method if isinstance(method, GPTQ) else GPTQ() if method == "gptq" else None
-    if gptq is None and method not in METHODS:
+    if isinstance(method, str) and method in _METHOD_CLASSES:
+        method = _METHOD_CLASSES[method]()
+    if isinstance(method, str) and method != "rtn":
         raise ValueError(f"lowbit.quantize: unknown method {method!r}; available: {', '.join(METHODS)} "
-                         "or a lowbit.GPTQ(...)")
-    method = "gptq" if gptq is not None else method
+                         "or a lowbit.GPTQ(...) / lowbit.AWQ(...) / lowbit.SmoothQuant(...)")
+    if not isinstance(method, (str, GPTQ, AWQ, SmoothQuant)):
+        raise TypeError(f"lowbit.quantize: method must be a name ({', '.join(METHODS)}) or a lowbit.GPTQ / AWQ / "
+                        f"SmoothQuant, got {type(method).__name__}")
+    options = None if isinstance(method, str) else method
+    gptq = options if isinstance(options, GPTQ) else None
+    method = "rtn" if options is None else options.name
     start = time.perf_counter()
     linears = {n: m for n, m in model.named_modules() if is_linear_like(m)}
     for p in config.unmatched_patterns(linears):
@@ -239,6 +270,10 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
     schemes = {n: config.scheme_for(n) for n in chosen}
     for n, m in chosen.items():
         _validate(n, m, schemes[n])
+    _check_method(method, schemes)
+    calibrated = options is not None and not isinstance(options, GPTQ)
+    if options is None and any(s.static_activations for s in schemes.values()):
+        calibrated = True      # static activation scales: measured block by block
 
     before = model_bytes(model)
     report = QuantReport(method=method, model_bytes_before=before)
@@ -260,13 +295,38 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
         if rtn:
             log.info("GPTQ: %d targeted layers outside the transformer blocks get RTN: %s", len(rtn), list(rtn))
         calibration = None   # RTN layers outside the blocks: no output SQNR pass
+    folds: dict = {}
+    if calibrated and chosen:
+        from .calibration import scale_model
+
+        results, outside, folds = scale_model(model, schemes, options, calibration, device=device, blocks=blocks,
+                                              batch_size=batch_size, progress=progress)
+        for n, r in results.items():
+            report.layers.append(LayerReport(
+                name=n, out_features=r.layer.out_features, in_features=r.layer.in_features, scheme=schemes[n].name,
+                weight_sqnr_db=r.weight_sqnr_db, output_sqnr_db=r.output_sqnr_db,
+                bytes_before=_linear_bytes(chosen[n]), bytes_after=r.layer.nbytes, gptq_loss=r.loss, damp=r.damp))
+            new[n] = r.layer
+        rtn = {n: chosen[n] for n in outside}
+        static = [n for n in rtn if schemes[n].static_activations]
+        if static:
+            raise ValueError(f"lowbit.quantize: layers {static} lie outside the transformer blocks (or were never "
+                             "called on the calibration data), so their static activation scale cannot be "
+                             "calibrated; give them a dynamic scheme (QuantConfig(overrides=...)) or ignore them")
+        if rtn:
+            log.info("%s: %d targeted layers outside the transformer blocks get RTN: %s", method, len(rtn), list(rtn))
+        calibration = None
     inputs = _capture_inputs(model, rtn, calibration, report_rows) if calibration is not None and rtn else {}
 
-    for n, m in tqdm(rtn.items(), desc="lowbit rtn", disable=not progress or not rtn or gptq is not None,
+    for n, m in tqdm(rtn.items(), desc="lowbit rtn", disable=not progress or not rtn or options is not None,
                      unit="layer"):
         s = schemes[n]
-        q = QuantLinear.from_linear(m, scheme=s)
         w = linear_weight(m).detach().float()
+        if s.weight_only:
+            q = QuantLinear.from_linear(m, scheme=s)
+        else:
+            bias = getattr(m, "bias", None)
+            q = make_w8a8(w, None if bias is None else bias.detach(), s)
         w_hat = q.dequantize(torch.float32)
         out_sqnr = None
         if n in inputs:
@@ -278,6 +338,11 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
             bytes_before=_linear_bytes(m), bytes_after=q.nbytes))
         new[n] = q
         log.debug("%s %s: weight SQNR %.2f dB", n, s.name, report.layers[-1].weight_sqnr_db)
+    for n, params in folds.items():
+        mod = model.get_submodule(n)
+        for pn, t in params.items():
+            p = getattr(mod, pn)
+            p.data.copy_(t.to(device=p.device, dtype=p.dtype))
     for n, q in new.items():
         _set_submodule(model, n, q)
     report.model_bytes_after = model_bytes(model)

@@ -33,12 +33,13 @@ raises a ValueError saying how to name the block list explicitly (``blocks=``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from torch import nn
 
 from .nn import is_linear_like
 
-__all__ = ["find_blocks", "KNOWN_BLOCKS"]
+__all__ = ["find_blocks", "KNOWN_BLOCKS", "ScaleGroup", "SCALE_GROUPS", "scale_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -174,3 +175,96 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 def _describe(lists: list[tuple[str, nn.ModuleList]], limit: int = 8) -> str:
     parts = [f"{n!r} ({len(m)} x {type(m[0]).__name__})" for n, m in lists[:limit]]
     return ", ".join(parts) + (f" and {len(lists) - limit} more" if len(lists) > limit else "")
+
+
+# -- scaling groups (AWQ, SmoothQuant) ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linear layers of one block that read the same input, and the module that produces
+    that input, into which per-input-channel scales are folded (``prev``'s output divided
+    by ``s``, the linears' input columns multiplied by ``s``: the block computes the same
+    function). Names are relative to the block.
+
+    ``prev`` is a norm (its weight, and bias if any, divided by ``s``) or a linear layer
+    (its output rows divided by ``s``): the latter only where everything between the two
+    commutes with a positive per-channel scale (attention's ``softmax(QK^T) V`` for
+    v_proj -> o_proj, ``act(gate) * up`` for up_proj -> down_proj, ReLU for OPT's fc1 -> fc2).
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+
+
+_LLAMA_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+)
+_OPT_GROUPS = (
+    ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",)),
+    ScaleGroup("final_layer_norm", ("fc1",)),
+    ScaleGroup("fc1", ("fc2",)),
+)
+# GPT-2: c_attn's q/k/v are one Conv1D, and c_fc -> GELU -> c_proj does not commute with
+# a scale: only the two norm-fed groups.
+_GPT2_GROUPS = (
+    ScaleGroup("ln_1", ("attn.c_attn",)),
+    ScaleGroup("ln_2", ("mlp.c_fc",)),
+)
+# BERT-family blocks are post-norm: the LayerNorm output that feeds q/k/v and the MLP is
+# also the residual, so a scale folded into it would change the residual stream. Only
+# value -> attention output commutes.
+_BERT_GROUPS = (ScaleGroup("attention.self.value", ("attention.output.dense",)),)
+_DISTILBERT_GROUPS = (ScaleGroup("attention.v_lin", ("attention.out_lin",)),)
+
+#: ``model_type`` -> the scaling groups of one block (AWQ, SmoothQuant).
+SCALE_GROUPS: dict[str, tuple[ScaleGroup, ...]] = {
+    **{t: _LLAMA_GROUPS for t in ("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3", "gemma")},
+    "opt": _OPT_GROUPS,
+    "gpt2": _GPT2_GROUPS,
+    **{t: _BERT_GROUPS for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
+    "distilbert": _DISTILBERT_GROUPS,
+}
+
+
+def scale_groups(model: nn.Module, groups=None) -> tuple[ScaleGroup, ...]:
+    """The scaling groups of ``model``'s blocks: ``groups`` if given (a sequence of
+    :class:`ScaleGroup` or ``(prev, [linears])`` pairs), else :data:`SCALE_GROUPS` by
+    ``model.config.model_type``, adjusted to the config (OPT: only pre-norm blocks fold into
+    their norms, only ReLU lets fc1 absorb fc2's scales).
+
+    Raises:
+        ValueError: an unknown architecture without ``groups`` (the message shows how to
+            pass them).
+    """
+    if groups is not None:
+        out = []
+        for g in groups:
+            if isinstance(g, ScaleGroup):
+                out.append(g)
+            else:
+                prev, linears = g
+                out.append(ScaleGroup(str(prev), tuple(linears)))
+        return tuple(out)
+    cfg = getattr(model, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type not in SCALE_GROUPS:
+        raise ValueError(
+            f"lowbit: no scaling groups are known for {type(model).__name__} (model_type {model_type!r}; known: "
+            f"{', '.join(sorted(SCALE_GROUPS))}); pass them, relative to a block, e.g. groups=[('input_layernorm', "
+            "['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']), ('post_attention_layernorm', "
+            "['mlp.gate_proj', 'mlp.up_proj'])], or groups=[] to quantize without scaling")
+    found = SCALE_GROUPS[model_type]
+    if model_type == "opt":
+        keep = []
+        for g in found:
+            if g.prev.endswith("layer_norm") and not getattr(cfg, "do_layer_norm_before", True):
+                continue    # post-norm OPT (350m): the norm output is the residual too
+            if g.prev == "fc1" and getattr(cfg, "activation_function", "relu") != "relu":
+                continue
+            keep.append(g)
+        found = tuple(keep)
+    return found

@@ -33,9 +33,9 @@ from .algorithms.gptq import GPTQ, GPTQResult, gptq_quantize_weight
 from .architectures import find_blocks
 from .config import QuantScheme
 from .eval import model_context
-from .nn import QuantLinear, linear_weight
+from .nn import QuantLinear, is_linear_like, linear_weight
 
-__all__ = ["CalibrationError", "gptq_model", "LayerResult", "check_calibration"]
+__all__ = ["CalibrationError", "gptq_model", "scale_model", "LayerResult", "check_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,15 @@ class _Stop(Exception):
 
 @dataclass
 class LayerResult:
-    """One layer's GPTQ result: the quantized layer (on the original layer's device, not
-    yet swapped in) and the statistics behind its report."""
+    """One layer's calibrated result: the quantized layer (on the original layer's device,
+    not yet swapped in) and the statistics behind its report."""
 
     name: str
-    layer: QuantLinear
+    layer: nn.Module        # QuantLinear, or W8A8Linear / FP8Linear
     weight_sqnr_db: float
     output_sqnr_db: float   # 10 log10(tr(W H W^T) / tr(D H D^T)), D = W - W_hat: exact on the calibration rows
-    loss: float             # GPTQ's objective
-    damp: float             # the dampening that succeeded
+    loss: float | None      # GPTQ's objective
+    damp: float | None      # the dampening that succeeded
     samples: int            # rows (tokens) in the Hessian
 
 
@@ -66,7 +66,7 @@ def check_calibration(model: nn.Module, calibration) -> tuple[dict, int]:
     """Validated calibration as keyword arguments (``input_ids`` int64 ``[B, L]`` plus any
     other tensors) and the sample count ``B``. Errors say what to pass instead."""
     if calibration is None:
-        raise CalibrationError("lowbit.quantize: GPTQ needs calibration data: pass calibration=input_ids "
+        raise CalibrationError("lowbit.quantize: this method needs calibration data: pass calibration=input_ids "
                                "(int64 [samples, seqlen], e.g. lowbit.data.calibration_samples(tokenizer, "
                                "texts, n=128, seqlen=2048))")
     kwargs = dict(calibration) if isinstance(calibration, dict) else {"input_ids": calibration}
@@ -335,3 +335,274 @@ def _to_layer(r: GPTQResult, scheme: QuantScheme, orig: nn.Module) -> QuantLinea
         codes.to(dev), scales.to(dev), zeros.to(dev), scheme.bits, scheme.group_size, symmetric=scheme.symmetric,
         bias=None if bias is None else bias.detach(), scale_dtype=scheme.scale_dtype,
         perm=None if perm is None else perm.to(dev))
+
+
+# -- AWQ / SmoothQuant / calibrated RTN: scale, then quantize, block by block -----------------
+
+@dataclass
+class _Stats:
+    """Statistics of one input tensor over the calibration rows."""
+
+    gram: Tensor        # float32 [K, K], 2 X^T X / n (accumulate_hessian)
+    absmax: Tensor      # float32 [K]
+    abssum: Tensor      # float64 [K]
+    rows: int = 0
+
+    def scale(self, s: Tensor) -> None:
+        """The statistics of ``x / s`` (after ``s`` is folded into the producer)."""
+        inv = 1.0 / s.to(self.gram)
+        self.gram.mul_(inv[:, None]).mul_(inv[None, :])
+        self.absmax.mul_(inv)
+        self.abssum.mul_(inv.double())
+
+    @property
+    def mean(self) -> Tensor:
+        return (self.abssum / max(self.rows, 1)).float()
+
+
+@torch.no_grad()
+def _input_stats(block: nn.Module, leads: list[str], inputs, masks, device, where: str) -> dict[str, _Stats]:
+    """Gram matrix, max |x| and sum |x| of the inputs of the layers ``leads`` over every
+    calibration batch (padding rows left out). NaN/Inf activations are an error naming
+    the layer."""
+    stats: dict[str, _Stats] = {}
+    current: list[Tensor | None] = [None]
+    handles = []
+    for nm in leads:
+        k = linear_weight(block.get_submodule(nm)).shape[1]
+        stats[nm] = _Stats(torch.zeros(k, k, dtype=torch.float32, device=device),
+                           torch.zeros(k, dtype=torch.float32, device=device),
+                           torch.zeros(k, dtype=torch.float64, device=device))
+
+        def hook(_m, args, nm=nm):
+            x = args[0].detach()
+            mask = current[0]
+            if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+                x = x[mask]
+            st = stats[nm]
+            try:
+                ops.activation_stats(st.absmax, st.abssum, x)
+            except ValueError as e:
+                raise ValueError(f"lowbit.quantize: the calibration activations of layer '{where}.{nm}' are not "
+                                 f"finite ({e}); check the model in full precision on this data first; the model "
+                                 "is left unmodified") from None
+            ops.accumulate_hessian(st.gram, x, st.rows)
+            st.rows += x.numel() // x.shape[-1]
+        handles.append(block.get_submodule(nm).register_forward_pre_hook(hook))
+    try:
+        for (args, kw), mask in zip(inputs, masks):
+            current[0] = mask
+            block(*args, **kw)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _usable_groups(block: nn.Module, groups, names: list[str], where: str, method: str) -> list:
+    """The scaling groups that apply to this block: every linear targeted and present, the
+    producer present with a matching width (grouped-query attention's v_proj is narrower
+    than o_proj's input: no fold). A producer that cannot absorb scales is an error."""
+    out = []
+    for g in groups:
+        if not all(nm in names for nm in g.linears):
+            log.debug("%s: group %s -> %s skipped in %s: not all of its linears are targeted", method, g.prev,
+                      list(g.linears), where)
+            continue
+        try:
+            prev = block.get_submodule(g.prev)
+        except AttributeError:
+            log.debug("%s: %s has no module %r; group skipped", method, where, g.prev)
+            continue
+        k = linear_weight(block.get_submodule(g.linears[0])).shape[1]
+        if any(linear_weight(block.get_submodule(nm)).shape[1] != k for nm in g.linears):
+            raise ValueError(f"lowbit {method}: the layers {list(g.linears)} of '{where}' do not share an input "
+                             "width; they cannot form one scaling group (fix groups=)")
+        if is_linear_like(prev):
+            if linear_weight(prev).shape[0] != k:
+                log.debug("%s: %s.%s has %d outputs, %s reads %d: no fold (grouped-query attention)", method,
+                          where, g.prev, linear_weight(prev).shape[0], g.linears[0], k)
+                continue
+        else:
+            weight = getattr(prev, "weight", None)
+            if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.shape[0] != k:
+                raise ValueError(
+                    f"lowbit {method}: '{where}.{g.prev}' ({type(prev).__name__}) cannot absorb the scales of "
+                    f"{list(g.linears)}: it has no per-channel weight of length {k} (a norm without affine "
+                    "weights?); the model is left unmodified. Pass groups= without this group (or [] for none)")
+        out.append(g)
+    return out
+
+
+def _fold(block: nn.Module, g, s: Tensor, where: str, method: str) -> None:
+    """Divide the producer's output channels by ``s`` and multiply the linears' input
+    columns by it (float32 math, stored back in each tensor's dtype)."""
+    prev = block.get_submodule(g.prev)
+    if is_linear_like(prev):
+        w = linear_weight(prev)
+        w.copy_((w.float() / s.to(w.device)[:, None]).to(w.dtype))
+    elif type(prev).__name__.startswith("Gemma"):
+        # Gemma's RMSNorm multiplies by (1 + weight).
+        prev.weight.copy_(((1.0 + prev.weight.float()) / s.to(prev.weight.device) - 1.0).to(prev.weight.dtype))
+    else:
+        prev.weight.copy_((prev.weight.float() / s.to(prev.weight.device)).to(prev.weight.dtype))
+    bias = getattr(prev, "bias", None)
+    if isinstance(bias, Tensor):
+        bias.copy_((bias.float() / s.to(bias.device)).to(bias.dtype))
+    for p in prev.parameters(recurse=False):
+        if not torch.isfinite(p).all():
+            raise ValueError(f"lowbit {method}: folding the scales of {list(g.linears)} into '{where}.{g.prev}' "
+                             f"overflows its {p.dtype} weights (scales {float(s.min()):.3g} .. {float(s.max()):.3g}); "
+                             "quantize the model in float32 or bfloat16; the model is left unmodified")
+    for nm in g.linears:
+        w = linear_weight(block.get_submodule(nm))
+        w.copy_((w.float() * s.to(w.device)[None, :]).to(w.dtype))
+        if not torch.isfinite(w).all():
+            raise ValueError(f"lowbit {method}: the scaled weight of '{where}.{nm}' overflows {w.dtype}; quantize "
+                             "the model in float32 or bfloat16; the model is left unmodified")
+
+
+def _quantize_layer(mod: nn.Module, full: str, scheme: QuantScheme, st: _Stats, options, orig: nn.Module):
+    """The quantized layer (on ``orig``'s device) of the block-copy layer ``mod`` and its
+    dequantized weight (float32, on ``mod``'s device), with GPTQ's loss and damp."""
+    from .algorithms.awq import AWQ, awq_clip
+    from .nn.w8a8 import make_w8a8
+
+    w = linear_weight(mod).detach().float()
+    bias = getattr(mod, "bias", None)
+    bias = None if bias is None else bias.detach()
+    dev = linear_weight(orig).device
+    loss = damp = None
+    if not scheme.weight_only:
+        layer = make_w8a8(w, bias, scheme, input_absmax=float(st.absmax.max()) if st.absmax.numel() else 0.0)
+        w_hat = layer.dequantize(torch.float32)
+    elif isinstance(options, AWQ) and options.gptq is not None:
+        res = gptq_quantize_weight(w, st.gram, scheme, options.gptq, full)
+        layer = _to_layer(res, scheme, mod)
+        w_hat = res.dequantize(torch.float32)
+        loss, damp = res.loss, res.damp
+    elif isinstance(options, AWQ) and options.clips(full):
+        scales, zeros, codes = awq_clip(w, st.gram, scheme, options)
+        layer = QuantLinear.from_codes(codes, scales.to(scheme.scale_dtype), zeros, scheme.bits, scheme.group_size,
+                                       symmetric=scheme.symmetric, bias=bias, scale_dtype=scheme.scale_dtype)
+        w_hat = layer.dequantize(torch.float32)
+    else:
+        layer = QuantLinear.from_linear(mod, scheme=scheme)
+        w_hat = layer.dequantize(torch.float32)
+    return layer.to(dev), w_hat, loss, damp
+
+
+@torch.no_grad()
+def scale_model(
+    model: nn.Module,
+    schemes: dict[str, QuantScheme],
+    options,
+    calibration,
+    *,
+    device: torch.device | str | None = None,
+    blocks: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, LayerResult], list[str], dict[str, dict[str, Tensor]]]:
+    """AWQ (``options`` an :class:`lowbit.algorithms.awq.AWQ`), SmoothQuant (a
+    :class:`lowbit.algorithms.smoothquant.SmoothQuant`) or calibrated RTN (None: static
+    activation scales only), block by block.
+
+    Per block (a copy on ``device``): one pass collects each scaling group's input
+    statistics (Gram matrix, max and mean ``|x|``); each group's scales are chosen and
+    folded into the producer and the linears; every targeted layer is quantized (AWQ: clip
+    search or GPTQ on the scaled weight; W8A8/FP8: RTN with the calibrated input scale),
+    its dequantized weight written into the copy, and the block's outputs recomputed for
+    the next block.
+
+    Returns:
+        ``(results by name, names outside the blocks (the caller uses RTN), folds)``:
+        ``folds`` maps a non-targeted module (a norm) to the parameters it must take (its
+        weight and bias divided by the scales). The model is not modified.
+    """
+    from .algorithms.awq import AWQ, awq_scales
+    from .algorithms.smoothquant import SmoothQuant, smooth_scales
+    from .architectures import scale_groups
+
+    method = getattr(options, "name", "rtn")
+    kwargs, n = check_calibration(model, calibration)
+    prefix, layers = find_blocks(model, blocks)
+    groups = scale_groups(model, options.groups) if options is not None else ()
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else _model_device(model)
+    device = torch.device(device)
+    per_block: list[list[str]] = [[] for _ in layers]
+    outside = []
+    for name in schemes:
+        rel = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
+        idx, _, sub = rel.partition(".") if rel else ("", "", "")
+        if rel and idx.isdigit() and int(idx) < len(layers) and sub:
+            per_block[int(idx)].append(sub)
+        else:
+            outside.append(name)
+
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        inputs, masks = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
+    finally:
+        for m, t in flags:
+            m.training = t
+    results: dict[str, LayerResult] = {}
+    folds: dict[str, dict[str, Tensor]] = {}
+    bar = tqdm(range(len(layers)), desc=f"lowbit {method}", unit="block", disable=not progress)
+    for i in bar:
+        where = f"{prefix}.{i}"
+        block = copy.deepcopy(layers[i]).to(device).eval()
+        names = per_block[i]
+        if names:
+            used = _usable_groups(block, groups, names, where, method)
+            lead_of = {nm: nm for nm in names}
+            for g in used:
+                for nm in g.linears:
+                    lead_of[nm] = g.linears[0]
+            leads = list(dict.fromkeys(lead_of.values()))
+            stats = _input_stats(block, leads, inputs, masks, device, where)
+            for g in used:
+                st = stats[g.linears[0]]
+                if st.rows == 0:
+                    continue
+                mods = [block.get_submodule(nm) for nm in g.linears]
+                w = torch.cat([linear_weight(m).detach().float() for m in mods])
+                scheme = schemes[f"{where}.{g.linears[0]}"]
+                if isinstance(options, AWQ):
+                    dtype = linear_weight(mods[0]).dtype
+                    s, losses = awq_scales(w, st.gram, st.mean, scheme, options, float(torch.finfo(dtype).max))
+                    best = int(torch.argmin(losses))
+                    log.info("AWQ %s.%s -> %s: alpha %.2f, output error %.4g (RTN %.4g)", where, g.prev,
+                             list(g.linears), best / options.n_grid, float(losses[best]), float(losses[0]))
+                elif isinstance(options, SmoothQuant):
+                    s = smooth_scales(st.absmax, w.abs().amax(dim=0), options.alpha)
+                else:
+                    continue
+                _fold(block, g, s, where, method)
+                st.scale(s)
+                prev = block.get_submodule(g.prev)
+                if f"{where}.{g.prev}" not in schemes:
+                    folds[f"{where}.{g.prev}"] = {pn: p.detach().clone()
+                                                  for pn, p in prev.named_parameters(recurse=False)}
+            for nm in names:
+                full = f"{where}.{nm}"
+                st = stats[lead_of[nm]]
+                if st.rows == 0:
+                    continue    # never called on this data: RTN below
+                mod = block.get_submodule(nm)
+                w = linear_weight(mod).detach().float()
+                layer, w_hat, loss, damp = _quantize_layer(mod, full, schemes[full], st, options,
+                                                           model.get_submodule(full))
+                out_db = ratio_db(_trace(w, st.gram), _trace(w - w_hat, st.gram))
+                w_db = ratio_db(float(w.pow(2).sum()), float((w - w_hat).pow(2).sum()))
+                w_view = linear_weight(mod)
+                w_view.copy_(w_hat.to(w_view.dtype))
+                results[full] = LayerResult(full, layer, w_db, out_db, loss, damp, st.rows)
+                log.info("%s %s (%s): output SQNR %.2f dB", method, full, schemes[full].name, out_db)
+            del stats
+            outside.extend(f"{where}.{nm}" for nm in names if f"{where}.{nm}" not in results)
+        inputs = [_with_hidden(args, kw, _first_output(block(*args, **kw))) for args, kw in inputs]
+        del block
+    return results, outside, folds

@@ -19,6 +19,24 @@ W2A16     2      64          no         research territory: expect large losses
 
 A preset name may carry changes as suffixes: ``"W4A16-g32"``, ``"W4A16-g64-asym"``,
 ``"W4A16-pc"`` (per-channel), ``"W8A16-sym"``.
+
+Weight-and-activation presets (``activations`` set; the layer quantizes its input on
+every call and multiplies in 8 bits; see :mod:`lowbit.nn.w8a8`):
+
+============  ==============================  ===========================================
+preset        weights                         activations
+============  ==============================  ===========================================
+W8A8          int8, per-channel absmax        int8, dynamic per-token absmax
+W8A8-static   int8, per-channel absmax        int8, one static scale from calibration
+LLM.int8      int8, per-channel absmax        int8 per-token; input columns with any
+                                              ``|x| > 6`` multiply in 16-bit (Dettmers
+                                              et al., 2022); ``-t<T>`` sets the threshold
+FP8           float8 e4m3, per-channel        float8 e4m3, dynamic per-token
+FP8-static    float8 e4m3, per-tensor         float8 e4m3, one static scale
+============  ==============================  ===========================================
+
+``-static`` / ``-dynamic`` switch the activation scales of W8A8 and FP8; ``-pt`` / ``-pc``
+the FP8 weight scales (per-tensor / per-channel).
 """
 from __future__ import annotations
 
@@ -29,11 +47,14 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-__all__ = ["QuantScheme", "QuantConfig", "PRESETS", "SUPPORTED_BITS"]
+__all__ = ["QuantScheme", "QuantConfig", "PRESETS", "SUPPORTED_BITS", "ACTIVATIONS"]
 
 # Bit widths that lowbit's weight-only matmul kernels run (2..8; 4 and 8 have packed fast paths).
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 _SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Activation quantization of weight-and-activation schemes (None: weight-only, "A16").
+ACTIVATIONS = (None, "int8", "int8-static", "fp8", "fp8-static")
+WEIGHT_FORMATS = ("int", "fp8")
 
 
 @dataclass(frozen=True)
@@ -49,6 +70,17 @@ class QuantScheme:
             checkpoint convention) halves their bytes; codes are computed against the
             stored (rounded) scales, so nothing is lost beyond the grid itself.
         clip_ratio: in (0, 1]; shrinks each group's range before its scale is taken.
+        activations: None (weight-only, activations stay 16/32-bit), ``"int8"`` (dynamic
+            per-token int8), ``"int8-static"`` (one calibrated per-tensor scale), ``"fp8"``
+            (dynamic per-token float8 e4m3) or ``"fp8-static"``. Set, the scheme must be
+            8-bit, symmetric and per-channel (or per-tensor FP8).
+        weight_format: ``"int"`` (an integer grid) or ``"fp8"`` (float8 e4m3 weights with
+            absmax scales; needs ``activations`` ``"fp8"``/``"fp8-static"``).
+        weight_per_tensor: FP8 weights with one scale for the whole tensor instead of one per
+            output channel.
+        outlier_threshold: LLM.int8 mode (``activations="int8"`` only): input columns where
+            any ``|x|`` exceeds it multiply in 16-bit, the rest in int8 (Dettmers et al., 2022
+            use 6.0).
     """
 
     bits: int = 4
@@ -56,6 +88,10 @@ class QuantScheme:
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.float16
     clip_ratio: float = 1.0
+    activations: str | None = None
+    weight_format: str = "int"
+    weight_per_tensor: bool = False
+    outlier_threshold: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -72,6 +108,31 @@ class QuantScheme:
                 f"got {self.scale_dtype!r}")
         if not 0.0 < float(self.clip_ratio) <= 1.0:
             raise ValueError(f"QuantScheme: clip_ratio must be in (0, 1], got {self.clip_ratio!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"QuantScheme: activations must be one of {ACTIVATIONS}, got {self.activations!r}")
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"QuantScheme: weight_format must be one of {WEIGHT_FORMATS}, got {self.weight_format!r}")
+        if self.activations is not None:
+            if self.bits != 8 or not self.symmetric or self.group_size is not None:
+                raise ValueError(
+                    f"QuantScheme: activations={self.activations!r} needs 8-bit symmetric per-channel weights "
+                    f"(bits=8, symmetric=True, group_size=None), got bits={self.bits}, symmetric={self.symmetric}, "
+                    f"group_size={self.group_size}; use the W8A8 / FP8 presets")
+            if self.scale_dtype != torch.float32:
+                object.__setattr__(self, "scale_dtype", torch.float32)   # W8A8 kernels read float32 scales
+        if self.weight_format == "fp8" and self.activations not in ("fp8", "fp8-static"):
+            raise ValueError("QuantScheme: weight_format='fp8' needs activations='fp8' or 'fp8-static' "
+                             "(FP8 weights multiply FP8 activations); use the FP8 presets")
+        if self.activations in ("fp8", "fp8-static") and self.weight_format != "fp8":
+            raise ValueError(f"QuantScheme: activations={self.activations!r} needs weight_format='fp8'")
+        if self.weight_per_tensor and self.weight_format != "fp8":
+            raise ValueError("QuantScheme: weight_per_tensor applies to FP8 weights only (weight_format='fp8')")
+        if self.outlier_threshold is not None:
+            if self.activations != "int8":
+                raise ValueError("QuantScheme: outlier_threshold (LLM.int8) needs activations='int8' (dynamic "
+                                 f"per-token), got {self.activations!r}")
+            if not float(self.outlier_threshold) > 0:
+                raise ValueError(f"QuantScheme: outlier_threshold must be positive, got {self.outlier_threshold!r}")
 
     def check_in_features(self, in_features: int, where: str) -> None:
         """Raise ValueError, prefixed with ``where``, if a group is wider than the layer."""
@@ -82,10 +143,28 @@ class QuantScheme:
                 "(group_size=None, preset suffix -pc)")
 
     @property
+    def weight_only(self) -> bool:
+        """True for W*A16 schemes (activations not quantized)."""
+        return self.activations is None
+
+    @property
+    def static_activations(self) -> bool:
+        """Whether the layer needs a calibrated activation scale."""
+        return self.activations is not None and self.activations.endswith("-static")
+
+    @property
     def name(self) -> str:
-        """Short label, e.g. ``"W4A16-g128-sym"`` or ``"W8A16-pc-sym"``."""
-        g = "pc" if self.group_size is None else f"g{self.group_size}"
-        return f"W{self.bits}A16-{g}-{'sym' if self.symmetric else 'asym'}"
+        """Short label, e.g. ``"W4A16-g128-sym"``, ``"W8A16-pc-sym"``, ``"W8A8-int8-dynamic"``,
+        ``"LLM.int8-t6"`` or ``"FP8-pc-static"``."""
+        if self.activations is None:
+            g = "pc" if self.group_size is None else f"g{self.group_size}"
+            return f"W{self.bits}A16-{g}-{'sym' if self.symmetric else 'asym'}"
+        kind = "static" if self.static_activations else "dynamic"
+        if self.weight_format == "fp8":
+            return f"FP8-{'pt' if self.weight_per_tensor else 'pc'}-{kind}"
+        if self.outlier_threshold is not None:
+            return f"LLM.int8-t{self.outlier_threshold:g}"
+        return f"W8A8-int8-{kind}"
 
 
 PRESETS: dict[str, QuantScheme] = {
@@ -93,6 +172,9 @@ PRESETS: dict[str, QuantScheme] = {
     "W4A16": QuantScheme(bits=4, group_size=128, symmetric=True),
     "W3A16": QuantScheme(bits=3, group_size=128, symmetric=False),
     "W2A16": QuantScheme(bits=2, group_size=64, symmetric=False),
+    "W8A8": QuantScheme(bits=8, group_size=None, symmetric=True, activations="int8"),
+    "LLM.INT8": QuantScheme(bits=8, group_size=None, symmetric=True, activations="int8", outlier_threshold=6.0),
+    "FP8": QuantScheme(bits=8, group_size=None, symmetric=True, activations="fp8", weight_format="fp8"),
 }
 
 Target = "str | type[nn.Module]"
@@ -105,8 +187,20 @@ def _parse_preset(name: str) -> QuantScheme:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} "
                          "(optionally with -g32/-g64/-g128/-pc and -sym/-asym suffixes)")
     changes: dict[str, Any] = {}
+    act = base.activations
     for p in parts[1:]:
-        if p == "PC":
+        if act is not None and p in ("STATIC", "DYNAMIC") and base.outlier_threshold is None:
+            changes["activations"] = act.split("-")[0] + ("-static" if p == "STATIC" else "")
+            if p == "STATIC" and base.weight_format == "fp8" and "weight_per_tensor" not in changes:
+                changes["weight_per_tensor"] = True
+        elif base.weight_format == "fp8" and p in ("PT", "PC"):
+            changes["weight_per_tensor"] = p == "PT"
+        elif base.outlier_threshold is not None and re.fullmatch(r"T\d+(\.\d+)?", p):
+            changes["outlier_threshold"] = float(p[1:])
+        elif act is not None:
+            raise ValueError(f"preset {name!r}: unknown suffix {p.lower()!r} (W8A8 takes -static/-dynamic, "
+                             "FP8 -static/-dynamic/-pt/-pc, LLM.int8 -t<threshold>)")
+        elif p == "PC":
             changes["group_size"] = None
         elif re.fullmatch(r"G\d+", p):
             changes["group_size"] = int(p[1:])

@@ -16,7 +16,8 @@ from torch import Tensor
 __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
-    "weight_only_matmul", "accumulate_hessian", "gptq_solve",
+    "weight_only_matmul", "accumulate_hessian", "gptq_solve", "activation_stats", "awq_scale_search",
+    "awq_clip_search", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -520,3 +521,297 @@ def _gptq_solve_fake(w, hessian, bits, group_size, symmetric, damp, act_order, s
     return (w.new_empty(n, k, dtype=torch.uint8), w.new_empty(n, g, dtype=torch.float32),
             w.new_empty(n, g, dtype=torch.int32), w.new_empty(k, dtype=torch.int32),
             w.new_empty((), dtype=torch.float64))
+
+
+# -- calibration statistics (reference/activation.py) ------------------------------------
+
+def activation_stats(absmax: Tensor, abssum: Tensor, x: Tensor) -> None:
+    """Accumulate per-input-channel statistics of a linear layer's input, in place.
+
+    ``absmax <- max(absmax, max_rows |x|)`` and ``abssum <- abssum + sum_rows |x|``; the
+    caller keeps the row count (``rows += x.numel() // K``), so ``abssum / rows`` is AWQ's
+    mean ``|x|`` and ``absmax`` is SmoothQuant's (and static activation scales') ``max |x|``.
+
+    Args:
+        absmax: float32 ``[K]``, contiguous (zeros to start), updated in place.
+        abssum: float64 ``[K]``, contiguous (zeros to start), updated in place; float64 so
+            that millions of calibration tokens sum without losing the small ones.
+        x: float32/float16/bfloat16 ``[..., K]`` on the same device, every leading index one
+            row (token).
+
+    Raises:
+        ValueError: ``x`` holds NaN or Inf (the message names the first bad row).
+    """
+    _lib.activation_stats.default(absmax, abssum, x)
+
+
+def _check_activation_stats(op, absmax, abssum, x):
+    _check_dtype(op, "absmax", absmax, torch.float32)
+    _check_dim(op, "absmax", absmax, 1)
+    _check_dtype(op, "abssum", abssum, torch.float64)
+    _check_dim(op, "abssum", abssum, 1)
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    k = absmax.shape[0]
+    torch._check_value(abssum.shape[0] == k, _msg(
+        op, f"argument 'abssum' must have shape [{k}] like 'absmax', got {list(abssum.shape)}"))
+    torch._check_value(x.shape[-1] == k, _msg(
+        op, f"argument 'x' must have last dimension K = {k} (the length of 'absmax'), got shape {list(x.shape)}"))
+    torch._check_value(absmax.is_contiguous() and abssum.is_contiguous(), _msg(
+        op, "arguments 'absmax' and 'abssum' must be contiguous (they are updated in place)"))
+    _check_same_device(op, "abssum", abssum, "absmax", absmax)
+    _check_same_device(op, "x", x, "absmax", absmax)
+
+
+@torch.library.register_fake("lowbit::activation_stats")
+def _activation_stats_fake(absmax, abssum, x):
+    _check_activation_stats("activation_stats", absmax, abssum, x)
+
+
+# -- AWQ (reference/awq.py) --------------------------------------------------------------
+
+def awq_scale_search(
+    w: Tensor,
+    gram: Tensor,
+    act_mean: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    n_grid: int = 20,
+    scale_dtype: torch.dtype = torch.float16,
+    max_value: float = float("inf"),
+) -> tuple[Tensor, Tensor]:
+    """AWQ's activation-aware scale search (Lin et al., 2023, sec. 3.2) in one call.
+
+    For ``alpha = i / n_grid``, ``i = 0 .. n_grid-1``: ``s = clamp(act_mean, 1e-4)**alpha``,
+    normalised by ``sqrt(max(s) * min(s))``; ``W_hat = Q(W diag(s)) diag(s)^-1`` on the RTN
+    grid (scales rounded to ``scale_dtype``, as :class:`lowbit.nn.QuantLinear` stores them);
+    ``loss = tr((W_hat - W) G (W_hat - W)^T)``, i.e. ``|X W_hat^T - X W^T|^2 / n`` when
+    ``G = X^T X / n``. A candidate whose ``W diag(s)`` or ``1 / s`` exceeds ``max_value``
+    (the model dtype's largest value: the folded weights must stay finite) gets an infinite
+    loss. ``alpha = 0`` (``s = 1``) is plain RTN, so the best loss is never above RTN's.
+
+    Args:
+        w: float32 ``[N, K]``: the weights of the linears that read the same input, stacked.
+        gram: float32 ``[K, K]``, symmetric PSD, ``X^T X / n`` of that input (any positive
+            multiple works: it only scales the losses).
+        act_mean: float32 ``[K]``, mean ``|x|`` per input channel (>= 0).
+        bits: 2..8. group_size: columns per group (``>= K``: per-channel).
+        symmetric: absmax grid or min/max zero-point grid.
+        n_grid: number of alphas (>= 1; AWQ uses 20).
+        scale_dtype: float32/float16/bfloat16, the dtype the layer stores scales in.
+        max_value: largest allowed magnitude of the scaled weights and of ``1 / s``.
+
+    Returns:
+        ``losses`` float64 ``[n_grid]`` (``inf`` for rejected candidates) and the best
+        candidate's ``s`` float32 ``[K]`` (the first of equal losses: the smallest alpha).
+
+    Raises:
+        ValueError: NaN/Inf in ``w``, ``gram`` or ``act_mean``, a negative ``act_mean``.
+    """
+    return _lib.awq_scale_search.default(w, gram, act_mean, bits, group_size, symmetric, n_grid, scale_dtype,
+                                         max_value)
+
+
+def _check_awq_common(op, w, gram, bits, group_size, scale_dtype):
+    _check_dtype(op, "w", w, torch.float32)
+    _check_dim(op, "w", w, 2)
+    _check_dtype(op, "gram", gram, torch.float32)
+    k = w.shape[1]
+    torch._check_value(gram.dim() == 2 and gram.shape[0] == k and gram.shape[1] == k, _msg(
+        op, f"argument 'gram' must be [K, K] = [{k}, {k}] for 'w' of shape {list(w.shape)}, got {list(gram.shape)}"))
+    _check_same_device(op, "gram", gram, "w", w)
+    _check_bits(op, bits)
+    _check_group_size(op, group_size)
+    _check_float_dtype_arg(op, "scale_dtype", scale_dtype)
+
+
+@torch.library.register_fake("lowbit::awq_scale_search")
+def _awq_scale_search_fake(w, gram, act_mean, bits, group_size, symmetric, n_grid, scale_dtype, max_value):
+    op = "awq_scale_search"
+    _check_awq_common(op, w, gram, bits, group_size, scale_dtype)
+    _check_dtype(op, "act_mean", act_mean, torch.float32)
+    k = w.shape[1]
+    torch._check_value(act_mean.dim() == 1 and act_mean.shape[0] == k, _msg(
+        op, f"argument 'act_mean' must have shape [{k}] (K of 'w'), got {list(act_mean.shape)}"))
+    _check_same_device(op, "act_mean", act_mean, "w", w)
+    torch._check_value(n_grid >= 1, _msg(op, f"argument 'n_grid' must be >= 1, got {n_grid}"))
+    torch._check_value(max_value > 0, _msg(op, f"argument 'max_value' must be positive, got {max_value}"))
+    return w.new_empty(n_grid, dtype=torch.float64), w.new_empty(k, dtype=torch.float32)
+
+
+def awq_clip_search(
+    w: Tensor,
+    gram: Tensor,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    n_grid: int = 20,
+    max_shrink: float = 0.5,
+    scale_dtype: torch.dtype = torch.float16,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AWQ's clip search (Lin et al., 2023, sec. 3.3 / its ``auto_clip``) in one call.
+
+    For each ratio ``r = 1 - i / n_grid``, ``i = 0 .. int(max_shrink * n_grid) - 1`` (at
+    least ``r = 1``), every group's range is shrunk by ``r`` (:func:`quant_params`'
+    ``clip_ratio``), the scales rounded to ``scale_dtype``, and the group's output error
+    ``d G_gg d^T`` measured, ``d = W_hat[n, g] - W[n, g]`` and ``G_gg`` the group's diagonal
+    block of ``gram``. Each (row, group) keeps its best ratio (the largest of equal errors).
+
+    Args:
+        w: float32 ``[N, K]``. gram: float32 ``[K, K]``, ``X^T X / n`` of the layer's input
+            (only the ``group_size`` diagonal blocks are read).
+        bits, group_size, symmetric, scale_dtype: the grid, as in :func:`quant_params`.
+        n_grid: ratio step ``1 / n_grid`` (>= 1). max_shrink: in [0, 1), the largest shrink.
+
+    Returns:
+        ``scales`` float32 ``[N, G]`` (representable in ``scale_dtype``), ``zeros`` int32
+        ``[N, G]`` and the chosen ratios float32 ``[N, G]``: :func:`quantize` with these
+        scales and zeros gives the codes.
+
+    Raises:
+        ValueError: NaN/Inf in ``w`` or ``gram``.
+    """
+    return _lib.awq_clip_search.default(w, gram, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype)
+
+
+@torch.library.register_fake("lowbit::awq_clip_search")
+def _awq_clip_search_fake(w, gram, bits, group_size, symmetric, n_grid, max_shrink, scale_dtype):
+    op = "awq_clip_search"
+    _check_awq_common(op, w, gram, bits, group_size, scale_dtype)
+    torch._check_value(n_grid >= 1, _msg(op, f"argument 'n_grid' must be >= 1, got {n_grid}"))
+    torch._check_value(0 <= max_shrink < 1, _msg(op, f"argument 'max_shrink' must be in [0, 1), got {max_shrink}"))
+    n, k = w.shape
+    g = _num_groups(k, group_size)
+    return (w.new_empty(n, g, dtype=torch.float32), w.new_empty(n, g, dtype=torch.int32),
+            w.new_empty(n, g, dtype=torch.float32))
+
+
+# -- W8A8 ----------------------------------------------------------------------------------
+
+def quantize_per_tensor_int8(x: Tensor, scale: Tensor) -> Tensor:
+    """Static per-tensor int8 activations: ``clamp(rint(x / scale), -128, 127)``.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``.
+        scale: float32, one positive finite value (any shape with one element), e.g. a
+            calibrated ``max |x| / 127``.
+
+    Returns:
+        int8 ``[..., K]`` (float32 math, round half to even; NaN is an error, +-Inf
+        saturates like any value beyond the range).
+    """
+    return _lib.quantize_per_tensor_int8.default(x, scale)
+
+
+@torch.library.register_fake("lowbit::quantize_per_tensor_int8")
+def _quantize_per_tensor_int8_fake(x, scale):
+    op = "quantize_per_tensor_int8"
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    _check_dtype(op, "scale", scale, torch.float32)
+    torch._check_value(scale.numel() == 1, _msg(
+        op, f"argument 'scale' must hold exactly one value (per-tensor), got shape {list(scale.shape)}"))
+    _check_same_device(op, "scale", scale, "x", x)
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+def _check_scaled_matmul(op, x, x_scale, w, w_scale, bias, out_dtype, qdtype):
+    _check_dtype(op, "x", x, qdtype)
+    _check_min_dim(op, "x", x, 1)
+    _check_dtype(op, "w", w, qdtype)
+    _check_dim(op, "w", w, 2)
+    _check_dtype(op, "x_scale", x_scale, torch.float32)
+    _check_dtype(op, "w_scale", w_scale, torch.float32)
+    _check_float_dtype_arg(op, "out_dtype", out_dtype)
+    _check_same_device(op, "w", w, "x", x)
+    _check_same_device(op, "x_scale", x_scale, "x", x)
+    _check_same_device(op, "w_scale", w_scale, "x", x)
+    n, k = w.shape
+    torch._check_value(x.shape[-1] == k, _msg(
+        op, f"argument 'x' must have last dimension K = {k} (the columns of 'w' {list(w.shape)}), "
+        f"got shape {list(x.shape)}"))
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * d
+    xs_ok = x_scale.numel() == 1 or list(x_scale.shape) == _row_scale_shape(x) or (
+        x_scale.dim() == 1 and x_scale.shape[0] == rows)
+    torch._check_value(xs_ok, _msg(
+        op, f"argument 'x_scale' must hold one value (per-tensor) or one per row of 'x', shape "
+        f"{_row_scale_shape(x)}; got {list(x_scale.shape)}"))
+    torch._check_value(w_scale.numel() == 1 or (w_scale.dim() == 1 and w_scale.shape[0] == n), _msg(
+        op, f"argument 'w_scale' must hold one value (per-tensor) or one per output channel, shape [{n}]; "
+        f"got {list(w_scale.shape)}"))
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        _check_same_device(op, "bias", bias, "x", x)
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == n, _msg(
+            op, f"argument 'bias' must have shape [{n}], got {list(bias.shape)}"))
+
+
+def int8_matmul(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+) -> Tensor:
+    """W8A8 int8 linear: ``y = (x @ w^T as int32) * x_scale * w_scale + bias``.
+
+    The product accumulates exactly in int32; the dequantization (per-row activation scale,
+    per-channel weight scale, bias) is applied to the accumulator in float32 inside the
+    kernel and rounded once to ``out_dtype``. CPU: AVX-512 VNNI / AVX-VNNI where the CPU has
+    it, AVX2 otherwise; CUDA: int8 tensor cores. Semantics: :mod:`lowbit.reference.matmul`.
+
+    Args:
+        x: int8 ``[..., K]`` (e.g. from :func:`quantize_per_token_int8` or
+            :func:`quantize_per_tensor_int8`), ``M`` = product of the leading dims.
+        x_scale: float32, one per row (``[..., 1]`` or ``[M]``) or one value.
+        w: int8 ``[N, K]`` (out, in).
+        w_scale: float32 ``[N]`` (per output channel) or one value.
+        bias: optional float ``[N]``.
+        out_dtype: float32/float16/bfloat16.
+
+    Returns:
+        ``out_dtype`` ``[..., N]``, contiguous.
+    """
+    return _lib.int8_matmul.default(x, x_scale, w, w_scale, bias, out_dtype)
+
+
+@torch.library.register_fake("lowbit::int8_matmul")
+def _int8_matmul_fake(x, x_scale, w, w_scale, bias, out_dtype):
+    _check_scaled_matmul("int8_matmul", x, x_scale, w, w_scale, bias, out_dtype, torch.int8)
+    return x.new_empty(*x.shape[:-1], w.shape[0], dtype=out_dtype)
+
+
+def fp8_matmul(
+    x: Tensor,
+    x_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """FP8 (e4m3) linear: ``y = (x @ w^T, float32 accumulation) * x_scale * w_scale + bias``.
+
+    On CUDA devices with FP8 tensor cores (sm_89+) through ``torch._scaled_mm`` (cuBLASLt);
+    elsewhere (CPU, older GPUs) an emulation with the same numerics: FP8 products are exact
+    in float32, so only the summation order differs. Semantics: :mod:`lowbit.reference.fp8`.
+
+    Args:
+        x: float8_e4m3fn ``[..., K]`` (e.g. from :func:`quantize_fp8_dynamic`).
+        x_scale: float32, one per row (``[..., 1]`` or ``[M]``) or one value.
+        w: float8_e4m3fn ``[N, K]``. w_scale: float32 ``[N]`` or one value.
+        bias: optional float ``[N]``. out_dtype: float32/float16/bfloat16.
+
+    Returns:
+        ``out_dtype`` ``[..., N]``, contiguous.
+    """
+    return _lib.fp8_matmul.default(x, x_scale, w, w_scale, bias, out_dtype)
+
+
+@torch.library.register_fake("lowbit::fp8_matmul")
+def _fp8_matmul_fake(x, x_scale, w, w_scale, bias, out_dtype):
+    _check_scaled_matmul("fp8_matmul", x, x_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn)
+    return x.new_empty(*x.shape[:-1], w.shape[0], dtype=out_dtype)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import ops
-from .config import QuantScheme
-from .reference.packing import packed_rows
-from .reference.quant import num_groups
+from .. import ops
+from ..config import QuantScheme
+from ..reference.packing import packed_rows
+from ..reference.quant import num_groups
 
 __all__ = ["QuantLinear", "is_linear_like", "linear_weight"]
 
@@ -278,3 +278,8 @@ class QuantLinear(nn.Module):
                 f"bias={self.bias is not None}, bits={self.bits}, {group}, "
                 f"symmetric={self.symmetric}, scale_dtype={self.scales.dtype}"
                 + (", act_order=True" if self.perm is not None else ""))
+
+
+from .w8a8 import FP8Linear, W8A8Linear, make_w8a8  # noqa: E402  (they use QuantScheme only)
+
+__all__ += ["W8A8Linear", "FP8Linear", "make_w8a8"]
