@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -490,6 +491,9 @@ void finish(const float* parts, int64_t nsplit, int64_t part_stride, int64_t ld,
 at::Tensor weight_only_matmul_cpu(const at::Tensor& x_, const at::Tensor& qweight_, const at::Tensor& scales_,
                                   const at::Tensor& zeros_, int64_t bits, int64_t group_size,
                                   const std::optional<at::Tensor>& bias) {
+  // The op has no autograd formula: an input that requires grad (a model called outside
+  // torch.no_grad) must not reach at::mm_out, which refuses out= under autograd.
+  const c10::NoGradGuard no_grad;
   const MatmulSizes sz = check_weight_only_matmul(x_, qweight_, scales_, zeros_, bits, group_size, bias);
   const int64_t m = sz.m, n = sz.n, k = sz.k;
   std::vector<int64_t> out_shape(x_.sizes().begin(), x_.sizes().end());

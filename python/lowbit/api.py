@@ -296,6 +296,7 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
             log.info("GPTQ: %d targeted layers outside the transformer blocks get RTN: %s", len(rtn), list(rtn))
         calibration = None   # RTN layers outside the blocks: no output SQNR pass
     folds: dict = {}
+    static_absmax: dict[str, float] = {}
     if calibrated and chosen:
         from .calibration import scale_model
 
@@ -309,10 +310,15 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
             new[n] = r.layer
         rtn = {n: chosen[n] for n in outside}
         static = [n for n in rtn if schemes[n].static_activations]
-        if static:
-            raise ValueError(f"lowbit.quantize: layers {static} lie outside the transformer blocks (or were never "
-                             "called on the calibration data), so their static activation scale cannot be "
-                             "calibrated; give them a dynamic scheme (QuantConfig(overrides=...)) or ignore them")
+        if static:    # outside the blocks (a BERT MLM head): measured on the unquantized model
+            from .calibration import input_absmax
+
+            static_absmax = input_absmax(model, static, calibration, batch_size)
+            never = [n for n in static if static_absmax[n] == 0.0]
+            if never:
+                raise ValueError(f"lowbit.quantize: layers {never} never saw a nonzero input on the calibration "
+                                 "data, so their static activation scale cannot be calibrated; give them a dynamic "
+                                 "scheme (QuantConfig(overrides=...)) or ignore them")
         if rtn:
             log.info("%s: %d targeted layers outside the transformer blocks get RTN: %s", method, len(rtn), list(rtn))
         calibration = None
@@ -326,7 +332,7 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
             q = QuantLinear.from_linear(m, scheme=s)
         else:
             bias = getattr(m, "bias", None)
-            q = make_w8a8(w, None if bias is None else bias.detach(), s)
+            q = make_w8a8(w, None if bias is None else bias.detach(), s, input_absmax=static_absmax.get(n))
         w_hat = q.dequantize(torch.float32)
         out_sqnr = None
         if n in inputs:

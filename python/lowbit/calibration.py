@@ -606,3 +606,37 @@ def scale_model(
         inputs = [_with_hidden(args, kw, _first_output(block(*args, **kw))) for args, kw in inputs]
         del block
     return results, outside, folds
+
+
+@torch.no_grad()
+def input_absmax(model: nn.Module, names: list[str], calibration, batch_size: int = 8) -> dict[str, float]:
+    """``max |x|`` of the inputs of the layers ``names`` over the calibration data, from
+    full-model forward passes (for layers outside the transformer blocks, e.g. a BERT MLM
+    head, whose static activation scale the block pipeline cannot measure)."""
+    kwargs, n = check_calibration(model, calibration)
+    amax = {nm: 0.0 for nm in names}
+    handles = []
+    for nm in names:
+        def hook(_m, args, nm=nm):
+            x = args[0].detach()
+            if not torch.isfinite(x).all():
+                raise ValueError(f"lowbit.quantize: the calibration activations of layer '{nm}' hold NaN or Inf; "
+                                 "the model is left unmodified")
+            if x.numel():
+                amax[nm] = max(amax[nm], float(x.abs().max()))
+        handles.append(model.get_submodule(nm).register_forward_pre_hook(hook))
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    mdev = _model_device(model)
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    try:
+        for b0 in range(0, n, max(1, batch_size)):
+            batch = {k: (v[b0:b0 + batch_size] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+                     for k, v in kwargs.items()}
+            model(**_to(batch, mdev), **extra)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in flags:
+            m.training = t
+    return amax

@@ -265,3 +265,14 @@ def test_from_codes_checks_perm():
         QuantLinear.from_codes(codes, s, z, 4, 32, perm=torch.arange(1, 65))
     with pytest.raises(TypeError, match="perm must be an integer tensor"):
         QuantLinear.from_codes(codes, s, z, 4, 32, perm=torch.arange(64.0))
+
+
+@pytest.mark.parametrize("m", [1, 64])
+def test_forward_outside_no_grad(device, m):
+    """A quantized model called without torch.no_grad (a notebook's plain model(x)): the
+    input requires grad; the op has no autograd formula, but the call must work (it used
+    to fail inside the CPU kernel's out= GEMM)."""
+    q = QuantLinear.from_linear(_linear(48, 64), 4, 32).to(device)
+    x = torch.randn(m, 64, device=device, requires_grad=True)
+    y = q(x)
+    torch.testing.assert_close(y.detach(), x.detach() @ q.dequantize().t() + q.bias, rtol=1e-4, atol=1e-4)
