@@ -16,7 +16,7 @@ import torch
 
 from .quant import true_div
 
-__all__ = ["FP8_DTYPES", "fp8_max", "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8"]
+__all__ = ["FP8_DTYPES", "fp8_max", "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "fp8_matmul"]
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -63,3 +63,50 @@ def quantize_fp8_dynamic(
 def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """FP8 ``[..., K]`` -> ``q * scale`` as ``dtype`` ``[..., K]`` (float32 math, one rounding)."""
     return (q.float() * _row_shaped(scale, q).float()).to(dtype)
+
+
+def fp8_matmul(
+    x: torch.Tensor,
+    x_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """FP8 (e4m3fn) linear layer with scales, in float32::
+
+        acc = x.float() @ w.float().t()                  # [M, N], float32 accumulation
+        y   = (acc * x_scale) * w_scale + bias.float()   # float32, in this order
+        out = y.to(out_dtype)                            # rounded once
+
+    Args:
+        x: float8_e4m3fn ``[..., K]``, any strides; ``M`` = product of the leading dims.
+        x_scale: float32, one value (per-tensor, any shape) or one per row of ``x``
+            (``x.shape[:-1] + (1,)`` or ``[M]``).
+        w: float8_e4m3fn ``[N, K]`` (out, in), any strides.
+        w_scale: float32, one value or one per output channel ``[N]``.
+        bias: optional float32/float16/bfloat16 ``[N]``, added after the scales.
+        out_dtype: float32, float16 or bfloat16.
+
+    Returns:
+        ``out_dtype`` ``[..., N]``, contiguous.
+
+    Every FP8 product is exact in float32 (4 + 4 significant bits, exponents far inside
+    float32's range; also exact in TF32 and bfloat16, so the matmul precision setting does
+    not change ``acc``). Kernels sum in their own order: the CPU and emulation kernels
+    agree with this function to float32 summation error, cuBLASLt's FP8 tensor cores
+    (CUDA, sm_89+), which keep partial sums at less than float32 precision between
+    promotions, more loosely. Neither is bit for bit. NaN and Inf propagate.
+    """
+    k = x.shape[-1]
+    n = w.shape[0]
+    m = 1
+    for d in x.shape[:-1]:
+        m *= d
+    acc = x.reshape(m, k).float() @ w.float().t()
+    xs = x_scale.reshape(()) if x_scale.numel() == 1 else x_scale.reshape(m, 1)
+    ws = w_scale.reshape(()) if w_scale.numel() == 1 else w_scale.reshape(1, n)
+    y = (acc * xs.float()) * ws.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x.shape[:-1], n)
