@@ -24,7 +24,9 @@ import torch
 from . import data
 from . import eval as lbeval
 from ._report import format_table
+from .algorithms.awq import AWQ
 from .algorithms.gptq import GPTQ
+from .algorithms.smoothquant import SmoothQuant
 from .api import METHODS, QuantReport, model_bytes, quantize
 from .config import PRESETS, QuantConfig
 
@@ -193,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     model_help = "; ".join(f"{s.name}: {s.description}" for s in models.MODELS.values())
     presets = ", ".join(PRESETS)
     scheme_help = (f"a preset ({presets}) with optional suffixes -g32/-g64/-g128 (group size), "
-                   "-pc (per-channel), -sym/-asym, e.g. W4A16-g64-asym")
+                   "-pc (per-channel), -sym/-asym, e.g. W4A16-g64-asym; W8A8 and FP8 take -static, LLM.int8 -t<threshold>")
     p = argparse.ArgumentParser(
         prog="python -m lowbit",
         description="Quantize a model after training and compare it with its full-precision baseline.",
@@ -211,6 +213,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--static-groups", action="store_true",
                         help="GPTQ: group scales from the original weight (no permutation at inference)")
         sp.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening, fraction of the mean diagonal")
+        sp.add_argument("--alpha", type=float, default=0.5,
+                        help="SmoothQuant: migration strength in [0, 1] (default 0.5)")
+        sp.add_argument("--no-clip", action="store_true", help="AWQ: skip the clip search")
         sp.add_argument("--calibration-samples", type=int, default=8,
                         help="windows of real text (512 tokens; sentences for encoders) for calibration: GPTQ's "
                              "Hessians and each layer's output SQNR (default 8; 0: none, RTN only)")
@@ -244,13 +249,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _method(args):
-    """"rtn", or the GPTQ options the flags ask for."""
-    if args.method == "gptq":
-        if args.calibration_samples <= 0:
-            raise ValueError("--method gptq needs calibration data: --calibration-samples must be positive")
-        return GPTQ(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp)
-    if args.act_order or args.static_groups or args.damp != 0.01:
+    """"rtn", or the GPTQ / AWQ / SmoothQuant options the flags ask for."""
+    if args.method != "rtn" and args.calibration_samples <= 0:
+        raise ValueError(f"--method {args.method} needs calibration data: --calibration-samples must be positive")
+    if args.method != "gptq" and (args.act_order or args.static_groups or args.damp != 0.01):
         raise ValueError("--act-order, --static-groups and --damp are GPTQ options: add --method gptq")
+    if args.method != "smoothquant" and args.alpha != 0.5:
+        raise ValueError("--alpha is a SmoothQuant option: add --method smoothquant")
+    if args.method != "awq" and args.no_clip:
+        raise ValueError("--no-clip is an AWQ option: add --method awq")
+    if args.method == "gptq":
+        return GPTQ(act_order=args.act_order, static_groups=args.static_groups, damp=args.damp)
+    if args.method == "awq":
+        return AWQ(clip=not args.no_clip)
+    if args.method == "smoothquant":
+        return SmoothQuant(alpha=args.alpha)
     return args.method
 
 

@@ -540,7 +540,8 @@ def activation_stats(absmax: Tensor, abssum: Tensor, x: Tensor) -> None:
             row (token).
 
     Raises:
-        ValueError: ``x`` holds NaN or Inf (the message names the first bad row).
+        ValueError: ``x`` holds NaN or Inf (the message names the first bad row). ``x`` is
+            checked before anything is written: ``absmax`` and ``abssum`` are then unchanged.
     """
     _lib.activation_stats.default(absmax, abssum, x)
 
@@ -695,7 +696,8 @@ def quantize_per_tensor_int8(x: Tensor, scale: Tensor) -> Tensor:
     Args:
         x: float32/float16/bfloat16 ``[..., K]``.
         scale: float32, one positive finite value (any shape with one element), e.g. a
-            calibrated ``max |x| / 127``.
+            calibrated ``max |x| / 127``; its value is checked when the kernel runs (the
+            fake kernel checks dtype and shape only).
 
     Returns:
         int8 ``[..., K]`` (float32 math, round half to even; NaN is an error, +-Inf

@@ -52,6 +52,12 @@ def test_eval_compares_with_baseline(tmp_path, capsys):
     (["quantize", "--model", "stories260k", "--scheme", "W5A8"], "unknown preset 'W5A8'"),
     (["quantize", "--model", "stories260k", "--scheme", "W4A16"], "group_size 128 is larger than in_features 64"),
     (["quantize", "--model", "no_such_model_dir"], "unknown model 'no_such_model_dir'"),
+    (["quantize", "--model", "stories260k", "--scheme", "W8A8", "--method", "awq"], "weight-only grids"),
+    (["quantize", "--model", "stories260k", "--scheme", "W4A16-g32", "--method", "smoothquant"],
+     "SmoothQuant migrates activation outliers"),
+    (["quantize", "--model", "stories260k", "--scheme", "W8A8", "--alpha", "0.8"], "--alpha is a SmoothQuant option"),
+    (["quantize", "--model", "stories260k", "--scheme", "W4A16-g32", "--method", "awq", "--calibration-samples", "0"],
+     "--method awq needs calibration data"),
 ])
 def test_errors_are_one_clear_line(argv, match, capsys):
     try:
@@ -67,3 +73,14 @@ def test_errors_are_one_clear_line(argv, match, capsys):
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "lowbit", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "python -m lowbit" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [
+    ["--scheme", "W4A16-g32-asym", "--method", "awq"],
+    ["--scheme", "W8A8-static", "--method", "smoothquant", "--alpha", "0.6"],
+    ["--scheme", "FP8"],
+    ["--scheme", "LLM.int8"],
+])
+def test_quantize_awq_and_w8a8(argv, capsys):
+    assert cli.main(["quantize", "--model", "stories260k", "--calibration-samples", "2", "-q"] + argv) == 0
+    assert "35 layers" in capsys.readouterr().out

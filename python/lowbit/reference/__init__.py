@@ -4,10 +4,10 @@ Kernels (CPU and CUDA) are tested against these functions; integer codes and pac
 words must match them bit for bit, and weight_only_matmul to within float32 rounding
 (reference/matmul.py). They favour clarity over speed.
 """
-from .activation import quantize_per_token_int8
+from .activation import activation_stats, quantize_per_tensor_int8, quantize_per_token_int8
 from . import gptq
-from .fp8 import dequantize_fp8, fp8_max, quantize_fp8, quantize_fp8_dynamic
-from .matmul import weight_only_matmul
+from .fp8 import dequantize_fp8, fp8_matmul, fp8_max, quantize_fp8, quantize_fp8_dynamic
+from .matmul import int8_matmul, weight_only_matmul
 from .packing import pack_int32, packed_rows, unpack_int32
 from .quant import dequantize, expand_groups, num_groups, quant_params, quantize
 
@@ -15,4 +15,5 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
     "weight_only_matmul", "gptq", "num_groups", "expand_groups", "packed_rows", "fp8_max",
+    "activation_stats", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul",
 ]
