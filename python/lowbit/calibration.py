@@ -482,7 +482,7 @@ def _quantize_layer(mod: nn.Module, full: str, scheme: QuantScheme, st: _Stats, 
         w_hat = res.dequantize(torch.float32)
         loss, damp = res.loss, res.damp
     elif isinstance(options, AWQ) and options.clips(full):
-        scales, zeros, codes = awq_clip(w, st.gram, scheme, options)
+        scales, zeros, codes = awq_clip(w, st.gram, scheme, options, full)
         layer = QuantLinear.from_codes(codes, scales.to(scheme.scale_dtype), zeros, scheme.bits, scheme.group_size,
                                        symmetric=scheme.symmetric, bias=bias, scale_dtype=scheme.scale_dtype)
         w_hat = layer.dequantize(torch.float32)

@@ -86,13 +86,22 @@ def awq_scales(w: Tensor, gram: Tensor, act_mean: Tensor, scheme: QuantScheme, o
     return s, losses
 
 
-def awq_clip(w: Tensor, gram: Tensor, scheme: QuantScheme, options: AWQ) -> tuple[Tensor, Tensor, Tensor]:
+def awq_clip(w: Tensor, gram: Tensor, scheme: QuantScheme, options: AWQ,
+             name: str = "layer") -> tuple[Tensor, Tensor, Tensor]:
     """AWQ's clip search on one (already scaled) layer: float32 scales ``[N, G]`` (in the
-    scheme's scale dtype), int32 zeros ``[N, G]`` and uint8 codes ``[N, K]``."""
+    scheme's scale dtype), int32 zeros ``[N, G]`` and uint8 codes ``[N, K]``.
+
+    Raises:
+        ValueError: naming ``name``, when a group's scale overflows the scale dtype at
+            every ratio.
+    """
     k = w.shape[1]
     gs = scheme.group_size or k
     wf = w.float().contiguous()
     scales, zeros, _ = ops.awq_clip_search(wf, gram.float().contiguous(), scheme.bits, gs, scheme.symmetric,
                                            options.clip_grid, options.max_shrink, scheme.scale_dtype)
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"lowbit AWQ: layer '{name}': a group's scale overflows {scheme.scale_dtype} (its scaled "
+                         "weights are too large); use scale_dtype=torch.float32 for this layer")
     codes = ops.quantize(wf, scales, zeros, scheme.bits, gs)
     return scales, zeros, codes
