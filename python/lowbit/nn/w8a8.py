@@ -96,6 +96,11 @@ class W8A8Linear(nn.Module):
             raise TypeError(f"W8A8Linear.from_codes: weight must be int8 [N, K], got {weight.dtype} "
                             f"{list(weight.shape)}")
         n, k = weight.shape
+        if weight_scale.numel() != n or not weight_scale.dtype.is_floating_point:
+            raise ValueError(f"W8A8Linear.from_codes: weight_scale must be float [{n}] (one per output channel), got "
+                             f"{weight_scale.dtype} {list(weight_scale.shape)}")
+        if n and not (torch.isfinite(weight_scale).all() and (weight_scale > 0).all()):
+            raise ValueError("W8A8Linear.from_codes: weight_scale must be positive and finite")
         s = _check_input_scale(input_scale, "W8A8Linear")
         layer = cls(k, n, bias=bias is not None, static=s is not None, outlier_threshold=outlier_threshold,
                     device=weight.device, dtype=None if bias is None else bias.dtype)
@@ -132,9 +137,8 @@ class W8A8Linear(nn.Module):
                 # 2022, sec. 3.2): they stay in 16 bits, and no longer set every token's
                 # int8 scale for the other columns.
                 x_in = x2.index_fill(1, cols, 0)
-                w_out = self.weight.index_select(1, cols).to(x.dtype) * self.weight_scale[:, None].to(x.dtype)
-                y = (self._int8(x_in, torch.float32) + x2.index_select(1, cols).float() @ w_out.float().t()
-                     ).to(x.dtype)
+                w_out = self.weight.index_select(1, cols).float() * self.weight_scale[:, None]
+                y = (self._int8(x_in, torch.float32) + x2.index_select(1, cols).float() @ w_out.t()).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @property
