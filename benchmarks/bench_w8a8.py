@@ -196,6 +196,14 @@ def main(argv=None) -> int:
     copy = copy_bandwidth(Timer(args.device, 5, 1, 10.0), args.device)
     print(f"copy bandwidth: {copy['gbps']:.1f} GB/s (1 GiB float32 copy_, read + write)\n")
 
+    readback = None
+    if args.device == "cuda":
+        # What the NaN/Inf scale check costs int8_matmul on CUDA: one read-back of a few
+        # bytes, which waits for the stream (the check's flags; the GEMM itself is async).
+        flags = torch.zeros(2, dtype=torch.int64, device="cuda")
+        readback = timer.measure(lambda f: f.cpu(), [(flags,)])["median_s"] * 1e3
+        print(f"one device-to-host read-back (the scale check's stream synchronisation): {readback:.3f} ms\n")
+
     rows, checks = run(args, timer)
     halves = ["bfloat16"] + (["float16"] if args.device == "cuda" else [])
     short = {"bfloat16": "bf16", "float16": "fp16"}
@@ -228,6 +236,7 @@ def main(argv=None) -> int:
         "loadavg_1min": {"start": load_before, "end": _loadavg()},
         "elapsed_s": round(elapsed, 1),
         "copy": copy,
+        "readback_ms": readback,
         "bit_exact_vs_reference": checks,
         "rows": rows,
     }

@@ -14,6 +14,11 @@
 // by the channel's scale, __fadd_rn of the bias (explicit roundings, never fused into an
 // FMA), one rounding to out_dtype: the reference's operations, in its order.
 //
+// Few rows (M <= 64): 32 x 64 tiles, and K split across CTAs when the output has too few
+// tiles to fill the GPU; each CTA adds its int32 sums into an [M, N] int32 buffer with
+// atomicAdd (integer addition: exact in any order), and a second kernel applies the same
+// epilogue. Otherwise 128 x 128 tiles with the epilogue fused into the store.
+//
 // The scales are checked for NaN/Inf by a small kernel beside the matmul; the flags are
 // read back (one stream synchronisation per call) to raise the error from this call.
 #include <ATen/core/Tensor.h>
@@ -93,6 +98,8 @@ struct Args {
   const float* ws;       // w_scale, element col * ws_step
   int64_t ws_step;
   const float* bias;     // float32 [N] or nullptr
+  int64_t kchunk;        // k per CTA along grid z (a multiple of kBK, or K when gridDim.z == 1)
+  int32_t* partial;      // split K: int32 [M, N] that CTAs add their sums to; else nullptr
 };
 
 // WM x WN warps, each FM x FN fragments of 16 x 16.
@@ -106,23 +113,34 @@ struct Tile {
 };
 // 128 x 128 tiles, 8 warps of 32 x 64: the many-row case.
 using LargeTile = Tile<4, 2, 2, 4>;
-// 32 x 64 tiles, 4 warps of 16 x 32: for few rows, so that N alone gives enough CTAs.
+// 32 x 64 tiles, 4 warps of 16 x 32: for few rows, with K split across CTAs (split_k).
 using SmallTile = Tile<2, 2, 1, 2>;
 constexpr int64_t kSmallTileMaxRows = 64;
 
-// 16 bytes of row `row` of a [rows, k] int8 matrix from column k0 on; zeros past the edges.
+// 16 bytes of row `row` of a [rows, k] int8 matrix from column k0 on; zeros from column
+// kend (<= k) and past the last row.
 __device__ __forceinline__ int4 load16(const int8_t* __restrict__ p, int64_t row, int64_t rows, int64_t k0,
-                                       int64_t k, bool vec) {
-  if (row >= rows || k0 >= k) return make_int4(0, 0, 0, 0);
+                                       int64_t kend, int64_t k, bool vec) {
+  if (row >= rows || k0 >= kend) return make_int4(0, 0, 0, 0);
   const int8_t* src = p + row * k + k0;
-  if (vec) return *reinterpret_cast<const int4*>(src);   // k0 + 16 <= k as K % 16 == 0
+  if (vec) return *reinterpret_cast<const int4*>(src);   // k0 + 16 <= kend: K, kend multiples of 16
   union {
     int4 v;
     int8_t b[16];
   } u;
 #pragma unroll
-  for (int i = 0; i < 16; ++i) u.b[i] = k0 + i < k ? src[i] : int8_t{0};
+  for (int i = 0; i < 16; ++i) u.b[i] = k0 + i < kend ? src[i] : int8_t{0};
   return u.v;
+}
+
+// The reference's epilogue of one accumulator: explicit roundings, never an FMA.
+template <typename out_t>
+__device__ __forceinline__ out_t dequant(int32_t acc, int64_t row, int64_t col, const Args& a) {
+  float v = __int2float_rn(acc);
+  v = __fmul_rn(v, a.xs[row * a.xs_step]);
+  v = __fmul_rn(v, a.ws[col * a.ws_step]);
+  if (a.bias != nullptr) v = __fadd_rn(v, a.bias[col]);
+  return from_f32<out_t>(v);
 }
 
 template <typename T, typename out_t>
@@ -142,6 +160,7 @@ __global__ void __launch_bounds__(T::kThreads) int8_matmul_kernel(Args a, out_t*
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int wm = warp / T::WN, wn = warp % T::WN;
   const int64_t m0 = int64_t{blockIdx.x} * kBM, n0 = int64_t{blockIdx.y} * kBN;
+  const int64_t kbeg = int64_t{blockIdx.z} * a.kchunk, kend = min(a.k, kbeg + a.kchunk);
 
   wmma::fragment<wmma::accumulator, 16, 16, 16, int> acc[T::FM][T::FN];
 #pragma unroll
@@ -157,12 +176,12 @@ __global__ void __launch_bounds__(T::kThreads) int8_matmul_kernel(Args a, out_t*
 #pragma unroll
     for (int i = 0; i < kAPer; ++i) {
       const int c = tid + i * T::kThreads;
-      if (c < kAChunks) ra[i] = load16(a.x, m0 + c / kSlabs, a.m, k0 + (c % kSlabs) * 16, a.k, a.vec);
+      if (c < kAChunks) ra[i] = load16(a.x, m0 + c / kSlabs, a.m, k0 + (c % kSlabs) * 16, kend, a.k, a.vec);
     }
 #pragma unroll
     for (int i = 0; i < kBPer; ++i) {
       const int c = tid + i * T::kThreads;
-      if (c < kBChunks) rb[i] = load16(a.w, n0 + c / kSlabs, a.n, k0 + (c % kSlabs) * 16, a.k, a.vec);
+      if (c < kBChunks) rb[i] = load16(a.w, n0 + c / kSlabs, a.n, k0 + (c % kSlabs) * 16, kend, a.k, a.vec);
     }
   };
   auto store_tile = [&] {
@@ -178,13 +197,13 @@ __global__ void __launch_bounds__(T::kThreads) int8_matmul_kernel(Args a, out_t*
     }
   };
 
-  const int64_t ktiles = (a.k + kBK - 1) / kBK;
-  if (ktiles > 0) load_tile(0);
+  const int64_t ktiles = kend > kbeg ? (kend - kbeg + kBK - 1) / kBK : 0;
+  if (ktiles > 0) load_tile(kbeg);
   for (int64_t t = 0; t < ktiles; ++t) {
     __syncthreads();   // every warp is done with the previous tile
     store_tile();
     __syncthreads();
-    if (t + 1 < ktiles) load_tile((t + 1) * kBK);   // in flight during the MMAs below
+    if (t + 1 < ktiles) load_tile(kbeg + (t + 1) * kBK);   // in flight during the MMAs below
 #pragma unroll
     for (int s = 0; s < kSlabs; ++s) {
       // A: row-major 16 x 16 (m, k) at ldm 16; B = w^T: column-major (k, n), i.e. w's
@@ -217,17 +236,26 @@ __global__ void __launch_bounds__(T::kThreads) int8_matmul_kernel(Args a, out_t*
       for (int e = lane; e < 256; e += 32) {
         const int64_t row = row0 + e / 16, col = col0 + e % 16;
         if (row < a.m && col < a.n) {
-          float v = __int2float_rn(st[e]);
-          v = __fmul_rn(v, a.xs[row * a.xs_step]);
-          v = __fmul_rn(v, a.ws[col * a.ws_step]);
-          if (a.bias != nullptr) v = __fadd_rn(v, a.bias[col]);
-          out[row * a.n + col] = from_f32<out_t>(v);
+          if (a.partial != nullptr) {
+            atomicAdd(a.partial + row * a.n + col, st[e]);   // integer: exact in any order (mod 2^32)
+          } else {
+            out[row * a.n + col] = dequant<out_t>(st[e], row, col, a);
+          }
         }
       }
       __syncwarp();   // the next fragment overwrites the staging buffer
     }
   }
 #endif
+}
+
+// The epilogue of a split-K matmul, over the summed accumulators.
+template <typename out_t>
+__global__ void __launch_bounds__(kThreads) epilogue_kernel(Args a, out_t* __restrict__ out) {
+  const int64_t total = a.m * a.n, stride = int64_t{gridDim.x} * kThreads;
+  for (int64_t i = int64_t{blockIdx.x} * kThreads + threadIdx.x; i < total; i += stride) {
+    out[i] = dequant<out_t>(a.partial[i], i / a.n, i % a.n, a);
+  }
 }
 
 // first[0] / first[1]: smallest index of a NaN or Inf in xs[0, nx) / ws[0, nw).
@@ -244,14 +272,39 @@ __global__ void __launch_bounds__(kThreads) nonfinite_kernel(const float* __rest
   }
 }
 
+// Split K into chunks of whole k tiles when the output alone has too few tiles to give
+// every SM several CTAs: a CTA's k tiles run one after another, each waiting on its own
+// global loads, so few long CTAs leave the memory system idle (the few-rows case).
+int64_t split_k(int64_t output_tiles, int64_t k) {
+  const int64_t ktiles = (k + kBK - 1) / kBK;
+  const int64_t want = (8 * int64_t{sm_count()} + output_tiles - 1) / std::max<int64_t>(output_tiles, 1);
+  return std::max<int64_t>(1, std::min({want, ktiles / 4, int64_t{64}}));
+}
+
 template <typename T, typename out_t>
-void launch(const Args& a, out_t* out, cudaStream_t stream) {
+void launch(Args a, out_t* out, bool allow_split, const at::Tensor& like, cudaStream_t stream) {
   const int64_t grid_m = (a.m + T::kBM - 1) / T::kBM, grid_n = (a.n + T::kBN - 1) / T::kBN;
   LOWBIT_CHECK(grid_m <= 0x7FFFFFFF && grid_n <= 65535, kOp, "output of ", a.m, " x ", a.n,
                " is too large for one launch (at most 65535 * ", T::kBN, " columns)");
-  const dim3 grid(static_cast<unsigned int>(grid_m), static_cast<unsigned int>(grid_n));
+  int64_t splits = allow_split ? split_k(grid_m * grid_n, a.k) : 1;
+  at::Tensor partial;
+  a.kchunk = a.k;
+  if (splits > 1) {
+    const int64_t ktiles = (a.k + kBK - 1) / kBK;
+    a.kchunk = (ktiles + splits - 1) / splits * kBK;
+    splits = (a.k + a.kchunk - 1) / a.kchunk;   // every chunk non-empty
+    partial = at::empty({a.m, a.n}, like.options().dtype(at::kInt));
+    a.partial = partial.data_ptr<int32_t>();
+    C10_CUDA_CHECK(cudaMemsetAsync(a.partial, 0, sizeof(int32_t) * a.m * a.n, stream));
+  }
+  const dim3 grid(static_cast<unsigned int>(grid_m), static_cast<unsigned int>(grid_n),
+                  static_cast<unsigned int>(splits));
   int8_matmul_kernel<T, out_t><<<grid, T::kThreads, 0, stream>>>(a, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    epilogue_kernel<out_t><<<grid_for(a.m * a.n, kThreads), kThreads, 0, stream>>>(a, out);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 at::Tensor int8_matmul_cuda(const at::Tensor& x_, const at::Tensor& x_scale, const at::Tensor& w_,
@@ -300,9 +353,9 @@ at::Tensor int8_matmul_cuda(const at::Tensor& x_, const at::Tensor& x_scale, con
     a.bias = bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr;
     LOWBIT_DISPATCH_FLOATS(out_dtype, "int8_matmul_cuda", [&] {
       if (m <= kSmallTileMaxRows) {
-        launch<SmallTile>(a, out.data_ptr<scalar_t>(), stream);
+        launch<SmallTile>(a, out.data_ptr<scalar_t>(), /*allow_split=*/true, x, stream);
       } else {
-        launch<LargeTile>(a, out.data_ptr<scalar_t>(), stream);
+        launch<LargeTile>(a, out.data_ptr<scalar_t>(), /*allow_split=*/false, x, stream);
       }
     });
   }

@@ -127,6 +127,18 @@ def test_k_tails(device, k):
     _check(x, torch.rand(19, 1, device=device) * 0.01, w, _scales(70, device), None, torch.float32)
 
 
+@pytest.mark.parametrize("m", [5, 64])
+@pytest.mark.parametrize("k", [1000, 1001, 2064])
+def test_split_k(device, m, k):
+    """Few rows and a long K: CUDA splits K across CTAs and adds int32 partial sums (exact
+    in any order), then applies the epilogue; chunk edges land mid-tile for odd K."""
+    n = 70
+    x, w = _codes(m, k, device=device), _codes(n, k, device=device)
+    for out_dtype in FLOAT_DTYPES:
+        _check(x, torch.rand(m, 1, device=device) * 0.01, w, _scales(n, device), torch.randn(n, device=device),
+               out_dtype)
+
+
 def test_extreme_accumulator(device):
     """The largest K: every product 128 * 128 (and -128 * 127), the sums at the edge of int32."""
     k = INT8_MATMUL_MAX_K
