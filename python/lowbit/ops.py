@@ -777,13 +777,23 @@ def int8_matmul(
 
     Returns:
         ``out_dtype`` ``[..., N]``, contiguous.
+
+    Raises:
+        ValueError: ``K > 131071`` (the int32 accumulator could overflow), or a NaN/Inf
+            scale (checked when the kernel runs; on CUDA that check reads one flag back,
+            a stream synchronisation per call).
     """
     return _lib.int8_matmul.default(x, x_scale, w, w_scale, bias, out_dtype)
 
 
 @torch.library.register_fake("lowbit::int8_matmul")
 def _int8_matmul_fake(x, x_scale, w, w_scale, bias, out_dtype):
-    _check_scaled_matmul("int8_matmul", x, x_scale, w, w_scale, bias, out_dtype, torch.int8)
+    op = "int8_matmul"
+    _check_scaled_matmul(op, x, x_scale, w, w_scale, bias, out_dtype, torch.int8)
+    k = w.shape[1]
+    torch._check_value(k <= 131071, _msg(
+        op, f"K = {k} is too large: the int32 accumulator is exact only for K <= 131071 "
+        "(|sum_k x*w| <= 128 * 128 * K < 2^31)"))
     return x.new_empty(*x.shape[:-1], w.shape[0], dtype=out_dtype)
 
 

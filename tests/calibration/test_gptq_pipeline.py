@@ -279,7 +279,7 @@ def test_unknown_method():
     model, vocab = tiny_model("llama")
     snap = _snapshot(model)
     with pytest.raises(ValueError, match="unknown method"):
-        _quant(model, "awq", _ids(vocab))
+        _quant(model, "no_such_method", _ids(vocab))
     _assert_unmodified(model, snap)
 
 
