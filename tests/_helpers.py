@@ -90,3 +90,24 @@ def stories260k():
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     return model, tok
+
+
+def snapshot(model):
+    """A model's state (cloned tensors) and module classes, for :func:`assert_unmodified`."""
+    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+            {n: type(m) for n, m in model.named_modules()})
+
+
+def assert_unmodified(model, snap) -> None:
+    """Assert that ``model`` has the modules and bit-identical tensors of ``snap``."""
+    sd, types = snap
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    for k, v in sd.items():
+        assert bits_equal(now[k], v), k
+
+
+def rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """``|ref - out| / |ref|`` (Frobenius norms, float64)."""
+    return float((ref.double() - out.double()).norm() / ref.double().norm())

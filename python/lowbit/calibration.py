@@ -245,21 +245,10 @@ def _trace(w: Tensor, h: Tensor) -> float:
     return float(((w @ h) * w).sum())
 
 
-@torch.no_grad()
-def gptq_model(
-    model: nn.Module,
-    schemes: dict[str, QuantScheme],
-    options: GPTQ,
-    calibration,
-    *,
-    device: torch.device | str | None = None,
-    blocks: str | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> tuple[dict[str, LayerResult], list[str]]:
-    """GPTQ every layer in ``schemes`` (qualified name -> scheme) that lives in a
-    transformer block; returns the results by name and the names outside any block (the
-    caller quantizes those with RTN). The model is not modified."""
+def _prepare(model: nn.Module, schemes: dict, calibration, device, blocks, batch_size: int):
+    """What every block-by-block method starts from: the blocks, the calibration device,
+    the targeted layers per block (names relative to it) and outside any block, and the
+    first block's captured inputs and attention masks."""
     kwargs, n = check_calibration(model, calibration)
     prefix, layers = find_blocks(model, blocks)
     if device is None:
@@ -282,6 +271,26 @@ def gptq_model(
     finally:
         for m, t in flags:
             m.training = t
+    return prefix, layers, device, per_block, outside, inputs, masks
+
+
+@torch.no_grad()
+def gptq_model(
+    model: nn.Module,
+    schemes: dict[str, QuantScheme],
+    options: GPTQ,
+    calibration,
+    *,
+    device: torch.device | str | None = None,
+    blocks: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, LayerResult], list[str]]:
+    """GPTQ every layer in ``schemes`` (qualified name -> scheme) that lives in a
+    transformer block; returns the results by name and the names outside any block (the
+    caller quantizes those with RTN). The model is not modified."""
+    prefix, layers, device, per_block, outside, inputs, masks = _prepare(
+        model, schemes, calibration, device, blocks, batch_size)
     results: dict[str, LayerResult] = {}
     bar = tqdm(range(len(layers)), desc="lowbit gptq", unit="block", disable=not progress)
     for i in bar:
@@ -525,29 +534,9 @@ def scale_model(
     from .architectures import scale_groups
 
     method = getattr(options, "name", "rtn")
-    kwargs, n = check_calibration(model, calibration)
-    prefix, layers = find_blocks(model, blocks)
     groups = scale_groups(model, options.groups) if options is not None else ()
-    if device is None:
-        device = torch.device("cuda") if torch.cuda.is_available() else _model_device(model)
-    device = torch.device(device)
-    per_block: list[list[str]] = [[] for _ in layers]
-    outside = []
-    for name in schemes:
-        rel = name[len(prefix) + 1:] if name.startswith(prefix + ".") else None
-        idx, _, sub = rel.partition(".") if rel else ("", "", "")
-        if rel and idx.isdigit() and int(idx) < len(layers) and sub:
-            per_block[int(idx)].append(sub)
-        else:
-            outside.append(name)
-
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        inputs, masks = _capture_first_block(model, layers[0], kwargs, n, max(1, batch_size), device)
-    finally:
-        for m, t in flags:
-            m.training = t
+    prefix, layers, device, per_block, outside, inputs, masks = _prepare(
+        model, schemes, calibration, device, blocks, batch_size)
     results: dict[str, LayerResult] = {}
     folds: dict[str, dict[str, Tensor]] = {}
     bar = tqdm(range(len(layers)), desc=f"lowbit {method}", unit="block", disable=not progress)

@@ -6,7 +6,6 @@ model unmodified.
 Model-level SQNR floors were measured with this file's models and inputs (CPU, float32;
 fresh weights and inputs per seed) and set a few dB under the minimum seen.
 """
-import copy
 
 import pytest
 import torch
@@ -15,9 +14,8 @@ from torch import nn
 import lowbit
 from lowbit import QuantConfig, QuantScheme
 from lowbit.calibration import CalibrationError
-from lowbit.nn import QuantLinear
 from lowbit.nn.w8a8 import FP8Linear, W8A8Linear
-from _helpers import sqnr
+from _helpers import assert_unmodified, snapshot, sqnr
 from _tiny_models import tiny_model
 
 F32 = torch.float32
@@ -162,11 +160,6 @@ def _mlp(device, k=64):
                          nn.Linear(128, 32, bias=False)).to(device).eval()
 
 
-def _linears(model):
-    return {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear, W8A8Linear,
-                                                                           FP8Linear))}
-
-
 def _check_swapped(model, report, preset, names):
     cls = CLASSES[preset]
     scheme = QuantConfig.preset(preset).scheme
@@ -252,24 +245,15 @@ def test_quantize_static_with_calibration(fresh_seed):
     assert sqnr(ref, y) > 32
 
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, _linears(model)
-
-
-def _assert_unmodified(model, snap):
-    sd, types = snap
-    assert _linears(model) == types
-    assert model.state_dict().keys() == sd.keys()
-    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("preset", ["W8A8-static", "FP8-static"])
 def test_static_without_calibration_is_an_error(preset):
     model = _mlp("cpu")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationError, match="needs calibration data: pass calibration=input_ids"):
         lowbit.quantize(model, preset, progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
     assert issubclass(CalibrationError, ValueError)
 
 
@@ -277,7 +261,7 @@ def test_static_without_calibration_is_an_error(preset):
                                                                                       "AWQ()"])
 def test_weight_only_methods_refuse_w8a8(method):
     model = _mlp("cpu", k=128)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     name = method if isinstance(method, str) else method.name
     for preset, scheme in (("W8A8", "W8A8-int8-dynamic"), ("FP8", "FP8-pc-dynamic")):
         with pytest.raises(ValueError, match=rf"method '{name}' computes weight-only grids, but the config asks for "
@@ -288,13 +272,13 @@ def test_weight_only_methods_refuse_w8a8(method):
     cfg = QuantConfig.preset("W4A16", overrides={"^2$": "LLM.int8"})
     with pytest.raises(ValueError, match=r"asks for \['LLM.int8-t6'\]"):
         lowbit.quantize(model, cfg, method=method, progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 @pytest.mark.parametrize("method", ["smoothquant", lowbit.SmoothQuant()], ids=["smoothquant", "SmoothQuant()"])
 def test_smoothquant_refuses_weight_only(method):
     model = _mlp("cpu", k=128)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"SmoothQuant migrates activation outliers for W8A8 / FP8 schemes, but the "
                                          r"config asks for weight-only \['W4A16-g128-sym'\]; use 'W8A8' / 'FP8' "
                                          r"presets, or method='awq'"):
@@ -302,4 +286,4 @@ def test_smoothquant_refuses_weight_only(method):
                         calibration=torch.zeros(1, 4, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match=r"weight-only \['W8A16-pc-sym'\]"):
         lowbit.quantize(model, QuantConfig.preset("W8A8", overrides={"^0$": "W8A16"}), method=method, progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)

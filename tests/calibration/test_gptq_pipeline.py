@@ -43,7 +43,7 @@ from lowbit import GPTQ, QuantConfig, QuantScheme, ops
 from lowbit.algorithms.gptq import gptq_quantize_weight
 from lowbit.calibration import CalibrationError
 from lowbit.nn import QuantLinear, is_linear_like, linear_weight
-from _helpers import bits_equal
+from _helpers import assert_unmodified, bits_equal, rel_error, snapshot
 from _tiny_models import FAMILIES, tiny_model
 
 SCHEME = "W4A16-g32"
@@ -67,9 +67,6 @@ def _out(model: nn.Module, ids: torch.Tensor, family: str) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float((ref.double() - out.double()).norm() / ref.double().norm())
-
 
 def _targets(model: nn.Module, config: str | QuantConfig = SCHEME) -> set[str]:
     cfg = QuantConfig.preset(config) if isinstance(config, str) else config
@@ -80,18 +77,6 @@ def _codes(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: m.codes() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
-def _snapshot(model: nn.Module):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
-def _assert_unmodified(model: nn.Module, snap) -> None:
-    sd, types = snap
-    assert {n: type(m) for n, m in model.named_modules()} == types
-    now = model.state_dict()
-    assert now.keys() == sd.keys()
-    for k, v in sd.items():
-        assert bits_equal(now[k], v), k
 
 
 def _quant(model, method="gptq", calib=None, **kw):
@@ -157,7 +142,7 @@ def test_family_gptq_swaps_targets_and_beats_rtn(family):
     # Still runs; error below RTN's on the same grid (held-out ids, not the calibration ids).
     out_g, out_r = _out(g, held, family), _out(r, held, family)
     assert torch.isfinite(out_g).all()
-    eg, er = _rel(ref, out_g), _rel(ref, out_r)
+    eg, er = rel_error(ref, out_g), rel_error(ref, out_r)
     bound = BERT_BOUND if family == "bert" else DECODER_BOUND
     assert eg < bound * er, f"{family}: GPTQ rel error {eg:.4f} vs RTN {er:.4f} (ratio {eg / er:.3f})"
 
@@ -204,7 +189,7 @@ def test_act_order_perm_applied_end_to_end():
     r = copy.deepcopy(model)
     _quant(r, "rtn")
     ref = _out(model, held, "llama")
-    assert _rel(ref, _out(q, held, "llama")) < DECODER_BOUND * _rel(ref, _out(r, held, "llama"))
+    assert rel_error(ref, _out(q, held, "llama")) < DECODER_BOUND * rel_error(ref, _out(r, held, "llama"))
 
 
 def test_static_groups_no_perm():
@@ -237,7 +222,7 @@ def test_true_sequential_false_differs_slightly():
     lb = {r.name: r.gptq_loss for r in rb.layers}
     assert la != lb
     ref = _out(model, held, "llama")
-    ea, eb = _rel(ref, _out(a, held, "llama")), _rel(ref, _out(b, held, "llama"))
+    ea, eb = rel_error(ref, _out(a, held, "llama")), rel_error(ref, _out(b, held, "llama"))
     assert 0.5 < ea / eb < 2
 
 
@@ -277,10 +262,10 @@ def test_method_string_equals_default_gptq(monkeypatch):
 
 def test_unknown_method():
     model, vocab = tiny_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="unknown method"):
         _quant(model, "no_such_method", _ids(vocab))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 # -- equivalence with the per-layer solve ----------------------------------------------------
@@ -442,7 +427,7 @@ def test_cpu_model_calibrated_on_cuda_matches_cpu():
         assert x.output_sqnr_db == pytest.approx(y.output_sqnr_db, abs=0.5)
     ref = _out(model, held, "llama")
     oa, ob = _out(a, held, "llama"), _out(b, held, "llama")
-    assert _rel(ob, oa) < 0.25 * _rel(ref, ob)
+    assert rel_error(ob, oa) < 0.25 * rel_error(ref, ob)
 
 
 # -- bad input: clear error, model unmodified -------------------------------------------------
@@ -450,57 +435,57 @@ def test_cpu_model_calibrated_on_cuda_matches_cpu():
 @pytest.mark.parametrize("shape", [(0, 16), (4, 0)])
 def test_zero_calibration_samples(shape):
     model, vocab = tiny_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationError, match="zero samples"):
         _quant(model, "gptq", _ids(vocab, shape))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_calibration_longer_than_context():
     model, vocab = tiny_model("llama")
     ctx = model.config.max_position_embeddings
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationError, match=f"{ctx + 1} tokens.*context is {ctx}"):
         _quant(model, "gptq", _ids(vocab, (2, ctx + 1)))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
     _quant(copy.deepcopy(model), "gptq", _ids(vocab, (2, ctx)))   # exactly the context is fine
 
 
 @pytest.mark.parametrize("method", ["gptq", GPTQ(act_order=True)], ids=["str", "obj"])
 def test_no_calibration(method):
     model, _ = tiny_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="needs calibration"):
         _quant(model, method, None)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_inf_weight_names_layer():
     model, vocab = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[3, 5] = float("inf")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj.*Inf"):
         _quant(model, "gptq", _ids(vocab))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_nan_activations_name_layer():
     model, vocab = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[7] = float("nan")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate_proj.*NaN"):
         _quant(model, "gptq", _ids(vocab))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_unknown_architecture_sequential():
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 32))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="blocks="):
         _quant(model, "gptq", torch.randn(8, 32))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 class _Block(nn.Module):
@@ -536,13 +521,13 @@ def test_blocks_override_custom_module():
     torch.manual_seed(torch.initial_seed() % 2**31)
     model = _Custom().eval()
     calib, held = torch.randint(0, 50, (16, 32)), torch.randint(0, 50, (4, 32))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="blocks="):
         _quant(model, "gptq", calib)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
     with pytest.raises(ValueError, match="blocks="):
         _quant(model, "gptq", calib, blocks="head")
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
     with torch.no_grad():
         ref = model(held)
@@ -555,7 +540,7 @@ def test_blocks_override_custom_module():
         assert (r.gptq_loss is not None) == n.startswith("stack."), n
     with torch.no_grad():
         out = model(held)
-    assert torch.isfinite(out).all() and _rel(ref, out) < 0.3
+    assert torch.isfinite(out).all() and rel_error(ref, out) < 0.3
 
 
 # -- dampening retry -------------------------------------------------------------------------
@@ -641,7 +626,7 @@ def test_layer_never_called_gets_rtn_not_zeros(true_sequential):
     # RTN at 4 bits g32 on a uniform init: about 18 dB; a zeroed weight would be 0 dB.
     assert rows["layers.0.unused"].weight_sqnr_db > 12
     w_hat = model.get_submodule("layers.0.unused").dequantize(torch.float32)
-    assert _rel(w, w_hat) < 0.2
+    assert rel_error(w, w_hat) < 0.2
 
 
 # -- review fixes: per-layer-type attention inputs, call-order grouping, train mode ----------------
@@ -649,10 +634,10 @@ def test_layer_never_called_gets_rtn_not_zeros(true_sequential):
 def test_mixed_layer_types_are_refused():
     model, vocab = tiny_model("llama")
     model.config.layer_types = ["sliding_attention", "full_attention"]
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(CalibrationError, match="per layer type"):
         _quant(model, "gptq", _ids(vocab))
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_call_order_groups_by_tensor_not_address():

@@ -25,11 +25,11 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import AWQ, SmoothQuant, QuantConfig
+from lowbit import AWQ, QuantConfig
 from lowbit.architectures import find_blocks, scale_groups
 from lowbit.calibration import _fold, _usable_groups
 from lowbit.nn import QuantLinear, W8A8Linear, is_linear_like
-from _helpers import bits_equal
+from _helpers import assert_unmodified, rel_error, snapshot
 from _tiny_models import ENCODER_FAMILIES, FAMILIES, tiny_model
 
 CALIB = (16, 64)
@@ -51,21 +51,7 @@ def _out(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
 
 
-def _rel(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return float((ref.double() - out.double()).norm() / ref.double().norm())
 
-
-def _snapshot(model: nn.Module):
-    return ({k: v.detach().clone() for k, v in model.state_dict().items()},
-            {n: type(m) for n, m in model.named_modules()})
-
-
-def _assert_unmodified(model: nn.Module, snap) -> None:
-    sd, types = snap
-    assert {n: type(m) for n, m in model.named_modules()} == types
-    now = model.state_dict()
-    for k, v in sd.items():
-        assert bits_equal(now[k], v), k
 
 
 def _linear_names(block: nn.Module) -> list[str]:
@@ -95,7 +81,7 @@ def test_fold_preserves_function(family):
     out = _out(folded, ids)
     # float32 rounding of the rescaled weights: 1e-6 relative per product, measured < 2e-6
     # end to end; a wrong fold moves the output by O(1).
-    assert _rel(ref, out) < 1e-4
+    assert rel_error(ref, out) < 1e-4
     changed = sum(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), folded.state_dict().values()))
     assert changed > 0
 
@@ -123,7 +109,7 @@ def test_awq_w8_keeps_the_function(family):
     assert all(isinstance(m, QuantLinear) for n, m in q.named_modules() if n in {r.name for r in report.layers})
     # Per-channel 8-bit RTN of these models measures 0.2-0.5% relative logit error; a
     # norm left unfolded (scales only in the weights) measures > 30%.
-    assert _rel(ref, _out(q, held)) < 0.02
+    assert rel_error(ref, _out(q, held)) < 0.02
     inside = [r for r in report.layers if r.output_sqnr_db is not None]   # outside the blocks: plain RTN
     assert len(inside) >= 8 and all(r.output_sqnr_db > 30 for r in inside)
 
@@ -140,7 +126,7 @@ def test_awq_no_worse_than_rtn(family):
     for method in ("rtn", "awq"):
         q = copy.deepcopy(model)
         lowbit.quantize(q, "W4A16-g32", method, calibration=calib, progress=False)
-        errs[method] = _rel(ref, _out(q, held))
+        errs[method] = rel_error(ref, _out(q, held))
     assert errs["awq"] <= errs["rtn"] * 1.05, errs
 
 
@@ -181,7 +167,7 @@ def test_smoothquant_w8a8_no_worse_than_naive(family):
         q = copy.deepcopy(model)
         report = lowbit.quantize(q, "W8A8-static", method, calibration=calib, progress=False)
         assert all(isinstance(q.get_submodule(r.name), W8A8Linear) for r in report.layers)
-        errs[method] = _rel(ref, _out(q, held))
+        errs[method] = rel_error(ref, _out(q, held))
     assert errs["smoothquant"] <= errs["rtn"] * 1.15, errs
     assert errs["rtn"] < 0.1
 
@@ -204,10 +190,10 @@ def test_static_scale_is_calibrated_input_absmax():
 
 def test_static_scheme_needs_calibration():
     model, _ = tiny_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="calibration"):
         lowbit.quantize(model, "W8A8-static", "rtn", progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 # -- errors leave the model unmodified ---------------------------------------------------------
@@ -215,10 +201,10 @@ def test_static_scheme_needs_calibration():
 def test_norm_without_weight_is_refused():
     model, vocab = tiny_model("opt")
     model.model.decoder.layers[1].self_attn_layer_norm = nn.LayerNorm(64, elementwise_affine=False)
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.decoder\.layers\.1\.self_attn_layer_norm.*cannot absorb"):
         lowbit.quantize(model, "W4A16-g32", "awq", calibration=_ids(vocab), progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 @pytest.mark.parametrize("method", ["awq", "smoothquant"])
@@ -226,11 +212,11 @@ def test_nan_activations_name_layer(method):
     model, vocab = tiny_model("llama")
     with torch.no_grad():
         model.model.layers[1].post_attention_layernorm.weight[7] = float("nan")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate_proj.*(NaN|not finite)"):
         lowbit.quantize(model, "W4A16-g32" if method == "awq" else "W8A8", method, calibration=_ids(vocab),
                         progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 class _Block(nn.Module):
@@ -261,23 +247,23 @@ def test_unknown_architecture_needs_groups():
     with torch.no_grad():
         model.emb.weight[:, 3] *= 30      # an outlier channel: AWQ's search picks alpha > 0
     ids = torch.randint(0, 64, (8, 16))
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="groups="):
         lowbit.quantize(model, QuantConfig.preset("W4A16-g32"), "awq", calibration=ids, progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
     ref = model(ids)
     lowbit.quantize(model, "W4A16-g32", AWQ(groups=[("norm", ["fc"])]), calibration=ids, progress=False)
     assert not torch.equal(model.layers[0].norm.weight, snap[0]["layers.0.norm.weight"])   # folded
-    assert _rel(ref, model(ids)) < 0.1
+    assert rel_error(ref, model(ids)) < 0.1
 
 
 @pytest.mark.parametrize("method,scheme", [("awq", "W8A8"), ("gptq", "FP8"), ("smoothquant", "W4A16-g32")])
 def test_method_scheme_mismatch(method, scheme):
     model, vocab = tiny_model("llama")
-    snap = _snapshot(model)
+    snap = snapshot(model)
     with pytest.raises(ValueError, match="weight-only|W8A8"):
         lowbit.quantize(model, scheme, method, calibration=_ids(vocab), progress=False)
-    _assert_unmodified(model, snap)
+    assert_unmodified(model, snap)
 
 
 def test_fp16_model_scales_stay_in_range(monkeypatch):

@@ -37,7 +37,41 @@ def _check_input_scale(input_scale: Tensor | None, where: str) -> Tensor | None:
     return s
 
 
-class W8A8Linear(nn.Module):
+class _Scaled8Linear(nn.Module):
+    """What W8A8Linear and FP8Linear share: an 8-bit ``weight`` ``[N, K]`` with float32
+    ``weight_scale``, an optional static ``input_scale`` (0-d) and a frozen float bias."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, static: bool, weight_dtype: torch.dtype,
+                 scale_shape: tuple, device, dtype: torch.dtype | None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=weight_dtype, device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
+        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if static else None)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
+                                     requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    def _fill(self, weight: Tensor, weight_scale: Tensor, input_scale: Tensor | None, bias: Tensor | None):
+        self.weight.copy_(weight)
+        self.weight_scale.copy_(weight_scale.reshape(self.weight_scale.shape))
+        if input_scale is not None:
+            self.input_scale.copy_(input_scale)
+        if bias is not None:
+            self.bias.data.copy_(bias)
+        return self
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layer's tensors (weight, scales, bias)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.weight, self.weight_scale, self.input_scale, self.bias) if t is not None)
+
+
+class W8A8Linear(_Scaled8Linear):
     """``y = x @ W^T + b`` with int8 weights and int8 activations (W8A8).
 
     Buffers:
@@ -60,21 +94,11 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, static: bool = False,
                  outlier_threshold: float | None = None, device=None, dtype: torch.dtype | None = None):
-        super().__init__()
         if static and outlier_threshold is not None:
             raise ValueError("W8A8Linear: the LLM.int8 outlier split uses dynamic per-token scales; "
                              "pass static=False with outlier_threshold")
-        self.in_features = in_features
-        self.out_features = out_features
+        super().__init__(in_features, out_features, bias, static, torch.int8, (out_features,), device, dtype)
         self.outlier_threshold = outlier_threshold
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if static else None)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
 
     @classmethod
     def from_weight(cls, w: Tensor, bias: Tensor | None = None, *, input_scale: Tensor | float | None = None,
@@ -104,13 +128,7 @@ class W8A8Linear(nn.Module):
         s = _check_input_scale(input_scale, "W8A8Linear")
         layer = cls(k, n, bias=bias is not None, static=s is not None, outlier_threshold=outlier_threshold,
                     device=weight.device, dtype=None if bias is None else bias.dtype)
-        layer.weight.copy_(weight)
-        layer.weight_scale.copy_(weight_scale.reshape(n).float())
-        if s is not None:
-            layer.input_scale.copy_(s)
-        if bias is not None:
-            layer.bias.data.copy_(bias)
-        return layer
+        return layer._fill(weight, weight_scale.float(), s, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight the layer multiplies by, ``dtype`` ``[N, K]``."""
@@ -141,11 +159,6 @@ class W8A8Linear(nn.Module):
                 y = (self._int8(x_in, torch.float32) + x2.index_select(1, cols).float() @ w_out.t()).to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.weight, self.weight_scale, self.input_scale, self.bias) if t is not None)
-
     def extra_repr(self) -> str:
         act = "static" if self.input_scale is not None else "dynamic per-token"
         extra = f", outlier_threshold={self.outlier_threshold:g}" if self.outlier_threshold is not None else ""
@@ -153,7 +166,7 @@ class W8A8Linear(nn.Module):
                 f"weights=int8 per-channel, activations=int8 {act}{extra}")
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(_Scaled8Linear):
     """``y = x @ W^T + b`` with float8 e4m3 weights and activations.
 
     Buffers:
@@ -170,18 +183,8 @@ class FP8Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, static: bool = False,
                  per_tensor_weight: bool = False, device=None, dtype: torch.dtype | None = None):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=_FP8, device=device))
-        self.register_buffer("weight_scale", torch.ones(() if per_tensor_weight else (out_features,),
-                                                        dtype=torch.float32, device=device))
-        self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device) if static else None)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype or torch.float32, device=device),
-                                     requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        super().__init__(in_features, out_features, bias, static, _FP8, () if per_tensor_weight else (out_features,),
+                         device, dtype)
 
     @classmethod
     def from_weight(cls, w: Tensor, bias: Tensor | None = None, *, input_scale: Tensor | float | None = None,
@@ -193,13 +196,7 @@ class FP8Linear(nn.Module):
         s = _check_input_scale(input_scale, "FP8Linear")
         layer = cls(k, n, bias=bias is not None, static=s is not None, per_tensor_weight=per_tensor_weight,
                     device=w.device, dtype=None if bias is None else bias.dtype)
-        layer.weight.copy_(q)
-        layer.weight_scale.copy_(scale.reshape(layer.weight_scale.shape))
-        if s is not None:
-            layer.input_scale.copy_(s)
-        if bias is not None:
-            layer.bias.data.copy_(bias)
-        return layer
+        return layer._fill(q, scale, s, bias)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight the layer multiplies by, ``dtype`` ``[N, K]``."""
@@ -214,11 +211,6 @@ class FP8Linear(nn.Module):
             xq, xs = ops.quantize_fp8_dynamic(x2, _FP8, True)
         y = ops.fp8_matmul(xq, xs, self.weight, self.weight_scale, self.bias, x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.weight, self.weight_scale, self.input_scale, self.bias) if t is not None)
 
     def extra_repr(self) -> str:
         act = "static" if self.input_scale is not None else "dynamic per-token"
