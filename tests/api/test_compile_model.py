@@ -26,3 +26,20 @@ def test_compiled_mlp_dynamic_shapes():
         for rows in (1, 7, 33):
             x = torch.randn(rows, 96)
             torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_w8a8_and_fp8_fullgraph():
+    """W8A8 and FP8 layers (dynamic activations) are custom ops with fake kernels end to
+    end (activation quantization, then the 8-bit matmul): fullgraph, dynamic shapes."""
+    import copy
+
+    torch._dynamo.reset()
+    base = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 96))
+    for preset in ("W8A8", "FP8"):
+        mlp = copy.deepcopy(base)
+        lowbit.quantize(mlp, preset, progress=False)
+        compiled = torch.compile(mlp, fullgraph=True, dynamic=True)
+        with torch.no_grad():
+            for rows in (1, 7, 33):
+                x = torch.randn(rows, 96)
+                torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-5)
