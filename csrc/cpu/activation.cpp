@@ -8,6 +8,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/check.h"
 #include "core/dispatch.h"
 #include "cpu/common.h"
@@ -65,27 +66,6 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token_int8_cpu(const at::Tensor&
 // Columns per task: each task owns a slice of K, so no two threads touch one column, and
 // its running max / sum / finiteness (5 KiB) stay in L1 while it walks down the rows.
 constexpr int64_t kStatCols = 256;
-
-// The checks of ops.py's _check_activation_stats, in its order and words (kept identical
-// to csrc/cuda/activation.cu).
-void check_activation_stats(const char* op, const at::Tensor& absmax, const at::Tensor& abssum,
-                            const at::Tensor& x) {
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_dim(op, "absmax", absmax, 1);
-  check_dtype(op, "abssum", abssum, at::kDouble);
-  check_dim(op, "abssum", abssum, 1);
-  check_float(op, "x", x);
-  check_min_dim(op, "x", x, 1);
-  const int64_t k = absmax.size(0);
-  LOWBIT_CHECK(abssum.size(0) == k, op, "argument 'abssum' must have shape [", k, "] like 'absmax', got ",
-               abssum.sizes());
-  LOWBIT_CHECK(x.size(-1) == k, op, "argument 'x' must have last dimension K = ", k,
-               " (the length of 'absmax'), got shape ", x.sizes());
-  LOWBIT_CHECK(absmax.is_contiguous() && abssum.is_contiguous(), op,
-               "arguments 'absmax' and 'abssum' must be contiguous (they are updated in place)");
-  check_same_device(op, "abssum", abssum, "absmax", absmax);
-  check_same_device(op, "x", x, "absmax", absmax);
-}
 
 // Statistics of columns [c0, c0 + n) over all rows into new_max / new_sum (already
 // combined with the old values), or flags the first row of the slice holding NaN or Inf.
@@ -154,22 +134,6 @@ void activation_stats_cpu(at::Tensor& absmax, at::Tensor& abssum, const at::Tens
 }
 
 // -- quantize_per_tensor_int8 -----------------------------------------------------------
-
-// The checks of ops.py's _quantize_per_tensor_int8_fake, in its order and words, then the
-// scale's value (data-dependent, so the fake kernel cannot check it). Kept identical to
-// csrc/cuda/activation.cu.
-void check_quantize_per_tensor_int8(const char* op, const at::Tensor& x, const at::Tensor& scale) {
-  check_float(op, "x", x);
-  check_min_dim(op, "x", x, 1);
-  check_dtype(op, "scale", scale, at::kFloat);
-  LOWBIT_CHECK(scale.numel() == 1, op, "argument 'scale' must hold exactly one value (per-tensor), got shape ",
-               scale.sizes());
-  check_same_device(op, "scale", scale, "x", x);
-}
-
-void check_tensor_scale_value(const char* op, float s) {
-  LOWBIT_CHECK(std::isfinite(s) && s > 0.f, op, "argument 'scale' must be positive and finite, got ", s);
-}
 
 at::Tensor quantize_per_tensor_int8_cpu(const at::Tensor& x_, const at::Tensor& scale) {
   constexpr const char* op = "quantize_per_tensor_int8";

@@ -7,9 +7,9 @@
 // candidates' differences into one GEMM, chunked to bound memory; clip search evaluates
 // small groups' quadratic forms d G_gg d^T in place, every ratio of a group in one task.
 //
-// The grid arithmetic repeats csrc/cpu/quant.cpp's formulas operation for operation
-// (-ffp-contract=off), so every rounded weight equals the reference's bit for bit; only
-// the GEMM's summation order differs.
+// The grid arithmetic is csrc/cpu/quant.cpp's (csrc/cpu/grid.h, -ffp-contract=off), so
+// every rounded weight equals the reference's bit for bit; only the GEMM's summation
+// order differs.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
@@ -24,15 +24,14 @@
 #include <memory>
 #include <vector>
 
+#include "core/awq.h"
 #include "core/check.h"
 #include "cpu/common.h"
+#include "cpu/grid.h"
 
 namespace lowbit::cpu {
 namespace {
 
-// One [rows, K] float32 buffer of differences and one of their products with the Gram
-// matrix, each at most this size: 256 MiB of temporaries whatever N and n_grid are.
-constexpr int64_t kChunkBytes = int64_t{128} << 20;
 // Clip search computes a group's quadratic form directly up to this many columns; longer
 // groups (per-channel) take a GEMM per group instead.
 constexpr int64_t kDirectMax = 128;
@@ -54,17 +53,7 @@ struct Grid {
 
   // quant_params' scale and zero of a group whose range, widened to hold 0, is [lo, hi].
   void params(float hi, float lo, float clip, float& scale, int32_t& zero) const {
-    if (symmetric) {
-      const float amax = hi > -lo ? hi : -lo;
-      scale = (amax * clip) / qmax;
-      if (scale == 0.f) scale = 1.f;
-      zero = sym_zero;
-    } else {
-      const float h = hi * clip, l = lo * clip;
-      scale = (h - l) / maxq;
-      if (scale == 0.f) scale = 1.f;
-      zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-l / scale), 0.f), maxq));
-    }
+    rtn_params(hi, lo, clip, symmetric, qmax, maxq, sym_zero, scale, zero);
   }
 
   // scale.clamp(min=finfo(scale_dtype).tiny).to(scale_dtype).float(): inf on overflow.
@@ -75,12 +64,7 @@ struct Grid {
   }
 
   // dequantize(quantize(v)) on the grid (st, z).
-  float round(float v, float st, float z) const {
-    float q = std::nearbyint(v / st) + z;
-    q = q < 0.f ? 0.f : q;
-    q = q > maxq ? maxq : q;
-    return (q - z) * st;
-  }
+  float round(float v, float st, float z) const { return (rtn_code(v, st, z, maxq) - z) * st; }
 };
 
 // sum a[j] * b[j] in float64 (products of float32 values are exact there), kLanes
@@ -97,83 +81,7 @@ inline double dot_f64(const float* __restrict__ a, const float* __restrict__ b, 
   return s;
 }
 
-// -- argument checks (ops.py: _check_awq_common and the fake kernels) --------------------
-
-void check_common(const char* op, const at::Tensor& w, const at::Tensor& gram, int64_t bits, int64_t group_size,
-                  at::ScalarType scale_dtype) {
-  check_dtype(op, "w", w, at::kFloat);
-  check_dim(op, "w", w, 2);
-  check_dtype(op, "gram", gram, at::kFloat);
-  const int64_t k = w.size(1);
-  LOWBIT_CHECK(gram.dim() == 2 && gram.size(0) == k && gram.size(1) == k, op, "argument 'gram' must be [K, K] = [",
-               k, ", ", k, "] for 'w' of shape ", w.sizes(), ", got ", gram.sizes());
-  check_same_device(op, "gram", gram, "w", w);
-  check_bits(op, bits);
-  check_group_size(op, group_size);
-  check_float_dtype_arg(op, "scale_dtype", scale_dtype);
-}
-
-// Index of the first row (1-D: element) of t holding NaN or Inf, or -1. One float64 sum
-// in the common case: it is finite exactly when every element is (float32 values cannot
-// overflow it).
-int64_t first_nonfinite(const at::Tensor& t) {
-  if (t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>())) return -1;
-  const at::Tensor bad = (t.dim() == 2 ? t.isfinite().all(1) : t.isfinite()).logical_not().cpu();
-  const bool* p = bad.const_data_ptr<bool>();
-  for (int64_t i = 0; i < bad.numel(); ++i) {
-    if (p[i]) return i;
-  }
-  return -1;
-}
-
-void check_finite_w_gram(const char* op, const at::Tensor& w, const at::Tensor& gram) {
-  const int64_t bad_w = first_nonfinite(w);
-  LOWBIT_CHECK(bad_w < 0, op, "argument 'w' holds NaN or Inf (row ", bad_w, "); clean the weight first");
-  const int64_t bad_g = first_nonfinite(gram);
-  LOWBIT_CHECK(bad_g < 0, op, "argument 'gram' holds NaN or Inf (row ", bad_g,
-               "): the calibration activations had NaN or Inf; check the model's outputs on the "
-               "calibration data in full precision");
-}
-
 // -- scale search -----------------------------------------------------------------------
-
-// The candidates' s [n_grid, K], by the reference's torch ops on the same device (so
-// torch's pow rounds them the same way).
-at::Tensor scale_candidates(const at::Tensor& act_mean, int64_t n_grid) {
-  const int64_t k = act_mean.size(0);
-  at::Tensor out = at::empty({n_grid, k}, act_mean.options());
-  if (k == 0) return out;
-  const at::Tensor x = act_mean.clamp(at::Scalar(1e-4), std::nullopt);
-  for (int64_t i = 0; i < n_grid; ++i) {
-    const at::Tensor s = x.pow(at::Scalar(static_cast<double>(i) / static_cast<double>(n_grid)));
-    out.select(0, i).copy_(s.div(s.max().mul(s.min()).sqrt()));
-  }
-  return out;
-}
-
-// reference.awq.candidate_is_valid for every candidate at once. |w * s| is checked
-// through max_n |w[n, k]| * s[k]: rounding is monotonic, so that product is exactly the
-// largest |w[n, k] * s[k]|.
-std::vector<int64_t> valid_candidates(const at::Tensor& w, const at::Tensor& cands, double max_value) {
-  const int64_t n_grid = cands.size(0);
-  std::vector<int64_t> valid;
-  if (cands.size(1) == 0) {
-    for (int64_t i = 0; i < n_grid; ++i) valid.push_back(i);
-    return valid;
-  }
-  const at::Tensor inv = cands.reciprocal();
-  at::Tensor ok = cands.isfinite().all(1).logical_and(inv.isfinite().all(1)).logical_and(inv.le(max_value).all(1));
-  if (w.size(0) > 0) {
-    const at::Tensor ws = w.abs().amax(0).unsqueeze(0).mul(cands);
-    ok = ok.logical_and(ws.isfinite().all(1)).logical_and(ws.le(max_value).all(1));
-  }
-  const at::Tensor ok_cpu = ok.cpu();
-  const bool* p = ok_cpu.const_data_ptr<bool>();
-  for (int64_t i = 0; i < n_grid; ++i) {
-    if (p[i]) valid.push_back(i);
-  }
-  return valid;
-}
 
 // Rows [r0, r0 + rows) of the virtual [valid * N, K] matrix of differences
 // W_hat / s - W (row v: candidate cand[v / N], weight row v % N) into d [rows, K], one
@@ -211,30 +119,16 @@ std::tuple<at::Tensor, at::Tensor> awq_scale_search_cpu(const at::Tensor& w_, co
                                                         bool symmetric, int64_t n_grid, at::ScalarType scale_dtype,
                                                         double max_value) {
   constexpr const char* op = "awq_scale_search";
-  check_common(op, w_, gram_, bits, group_size, scale_dtype);
-  check_dtype(op, "act_mean", act_mean_, at::kFloat);
-  const int64_t k = w_.size(1);
-  LOWBIT_CHECK(act_mean_.dim() == 1 && act_mean_.size(0) == k, op, "argument 'act_mean' must have shape [", k,
-               "] (K of 'w'), got ", act_mean_.sizes());
-  check_same_device(op, "act_mean", act_mean_, "w", w_);
-  LOWBIT_CHECK(n_grid >= 1, op, "argument 'n_grid' must be >= 1, got ", n_grid);
-  LOWBIT_CHECK(max_value > 0, op, "argument 'max_value' must be positive, got ", max_value);
+  check_awq_scale_search(op, w_, gram_, act_mean_, bits, group_size, n_grid, scale_dtype, max_value);
   const at::Tensor w = w_.contiguous(), gram = gram_.contiguous(), act_mean = act_mean_.contiguous();
-  check_finite_w_gram(op, w, gram);
-  const int64_t bad_a = first_nonfinite(act_mean);
-  LOWBIT_CHECK(bad_a < 0, op, "argument 'act_mean' holds NaN or Inf (channel ", bad_a, ")");
-  const float* ap = act_mean.const_data_ptr<float>();
-  for (int64_t i = 0; i < k; ++i) {
-    LOWBIT_CHECK(ap[i] >= 0.f, op, "argument 'act_mean' must be >= 0 (a mean of |x|), got ", ap[i],
-                 " at channel ", i);
-  }
+  check_awq_scale_search_values(op, w, gram, act_mean);
 
-  const int64_t n = w.size(0);
+  const int64_t n = w.size(0), k = w.size(1);
   at::Tensor losses = at::zeros({n_grid}, w.options().dtype(at::kDouble));
-  const at::Tensor cands = scale_candidates(act_mean, n_grid);
+  const at::Tensor cands = awq_scale_candidates(act_mean, n_grid);
   if (k == 0) return {losses, cands.select(0, 0).clone()};
 
-  const std::vector<int64_t> cand = valid_candidates(w, cands, max_value);
+  const std::vector<int64_t> cand = awq_valid_candidates(w, cands, max_value);
   const int64_t nv = static_cast<int64_t>(cand.size()), total = nv * n;
   std::vector<double> row_loss(total);
   std::unique_ptr<std::atomic<bool>[]> overflow(new std::atomic<bool>[n_grid]);
@@ -242,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> awq_scale_search_cpu(const at::Tensor& w_, co
   if (total > 0) {
     const Grid grid(bits, symmetric, scale_dtype);
     const int64_t gs = std::min(group_size, k), g = num_groups(k, group_size);
-    const int64_t chunk = std::min(total, std::max<int64_t>(1, kChunkBytes / (4 * k)));
+    const int64_t chunk = awq_chunk_rows(total, k);
     at::Tensor d = at::empty({chunk, k}, w.options()), dg = at::empty({chunk, k}, w.options());
     for (int64_t r0 = 0; r0 < total; r0 += chunk) {
       const int64_t rows = std::min(chunk, total - r0);
@@ -265,11 +159,7 @@ std::tuple<at::Tensor, at::Tensor> awq_scale_search_cpu(const at::Tensor& w_, co
     for (int64_t r = 0; r < n; ++r) sum += row_loss[j * n + r];
     lp[cand[j]] = overflow[cand[j]].load() || std::isnan(sum) ? kInf : sum;
   }
-  int64_t best = 0;
-  for (int64_t i = 1; i < n_grid; ++i) {
-    if (lp[i] < lp[best]) best = i;
-  }
-  return {losses, cands.select(0, best).clone()};
+  return {losses, cands.select(0, awq_best_candidate(lp, n_grid)).clone()};
 }
 
 // -- clip search ------------------------------------------------------------------------
@@ -326,7 +216,7 @@ void clip_direct(const float* w, const float* gram, int64_t n, int64_t k, int64_
 void clip_gemm(const at::Tensor& w, const at::Tensor& gram, int64_t gs, int64_t g, const Grid& grid,
                const std::vector<float>& clips, float* out_scale, int32_t* out_zero, float* out_ratio) {
   const int64_t n = w.size(0), k = w.size(1);
-  const int64_t chunk = std::min(n, std::max<int64_t>(1, kChunkBytes / (4 * k)));
+  const int64_t chunk = awq_chunk_rows(n, k);
   at::Tensor d = at::empty({chunk, k}, w.options()), e = at::empty({chunk, k}, w.options());
   std::vector<float> cs(chunk * g);
   std::vector<int32_t> cz(chunk * g);
@@ -358,11 +248,7 @@ void clip_gemm(const at::Tensor& w, const at::Tensor& gram, int64_t gs, int64_t 
           for (int64_t j = 0; j < len; ++j) dr[j] = grid.round(wr[j], st, z) - wr[j];
         }
       });
-      for (int64_t gi = 0; gi < g; ++gi) {
-        const int64_t k0 = gi * gs, len = std::min(k, k0 + gs) - k0;
-        at::Tensor ev = e.narrow(0, 0, rows).narrow(1, k0, len);
-        at::mm_out(ev, d.narrow(0, 0, rows).narrow(1, k0, len), gram.narrow(0, k0, len).narrow(1, k0, len));
-      }
+      awq_group_gemms(e, d, gram, rows, gs, g);
       const float* ep = e.const_data_ptr<float>();
       at::parallel_for(0, rows * g, grain_for(gs), [&](int64_t b, int64_t end) {
         for (int64_t item = b; item < end; ++item) {
@@ -391,22 +277,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> awq_clip_search_cpu(const at::Ten
                                                                    int64_t n_grid, double max_shrink,
                                                                    at::ScalarType scale_dtype) {
   constexpr const char* op = "awq_clip_search";
-  check_common(op, w_, gram_, bits, group_size, scale_dtype);
-  LOWBIT_CHECK(n_grid >= 1, op, "argument 'n_grid' must be >= 1, got ", n_grid);
-  LOWBIT_CHECK(max_shrink >= 0 && max_shrink < 1, op, "argument 'max_shrink' must be in [0, 1), got ", max_shrink);
+  check_awq_clip_search(op, w_, gram_, bits, group_size, n_grid, max_shrink, scale_dtype);
   const at::Tensor w = w_.contiguous(), gram = gram_.contiguous();
   check_finite_w_gram(op, w, gram);
   const int64_t n = w.size(0), k = w.size(1), g = num_groups(k, group_size);
-  at::Tensor scales = at::empty({n, g}, w.options());
-  at::Tensor zeros = at::empty({n, g}, w.options().dtype(at::kInt));
-  at::Tensor ratios = at::empty({n, g}, w.options());
+  const auto [scales, zeros, ratios] = awq_clip_outputs(w, g);
   if (n * g == 0) return {scales, zeros, ratios};
 
-  const int64_t n_ratio = std::max<int64_t>(1, static_cast<int64_t>(max_shrink * static_cast<double>(n_grid)));
-  std::vector<float> clips(n_ratio);
-  for (int64_t i = 0; i < n_ratio; ++i) {
-    clips[i] = static_cast<float>(1.0 - static_cast<double>(i) / static_cast<double>(n_grid));
-  }
+  const std::vector<float> clips = awq_clip_ratios(max_shrink, n_grid);
   const Grid grid(bits, symmetric, scale_dtype);
   const int64_t gs = std::min(group_size, k);
   if (gs <= kDirectMax) {

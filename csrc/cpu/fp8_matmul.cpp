@@ -20,6 +20,7 @@
 
 #include "core/check.h"
 #include "core/dispatch.h"
+#include "core/scaled_matmul.h"
 #include "cpu/common.h"
 
 namespace lowbit::cpu {
@@ -29,42 +30,6 @@ namespace {
 // wide enough for BLAS to run near its peak, small enough that the tile is reused from
 // cache while at::mm walks over x.
 constexpr int64_t kTileCols = 256;
-
-// The checks of ops.py's _check_scaled_matmul for fp8_matmul, in its order and words
-// (kept identical to csrc/cuda/fp8_matmul.cu). Returns M, the rows of x.
-int64_t check_fp8_matmul(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
-                         const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                         at::ScalarType out_dtype) {
-  constexpr const char* op = "fp8_matmul";
-  check_dtype(op, "x", x, at::ScalarType::Float8_e4m3fn);
-  check_min_dim(op, "x", x, 1);
-  check_dtype(op, "w", w, at::ScalarType::Float8_e4m3fn);
-  check_dim(op, "w", w, 2);
-  check_dtype(op, "x_scale", x_scale, at::kFloat);
-  check_dtype(op, "w_scale", w_scale, at::kFloat);
-  check_float_dtype_arg(op, "out_dtype", out_dtype);
-  check_same_device(op, "w", w, "x", x);
-  check_same_device(op, "x_scale", x_scale, "x", x);
-  check_same_device(op, "w_scale", w_scale, "x", x);
-  const int64_t n = w.size(0), k = w.size(1), rows = leading_rows(x);
-  LOWBIT_CHECK(x.size(-1) == k, op, "argument 'x' must have last dimension K = ", k, " (the columns of 'w' ",
-               w.sizes(), "), got shape ", x.sizes());
-  const std::vector<int64_t> row_shape = row_scale_shape(x);
-  const bool xs_ok = x_scale.numel() == 1 || x_scale.sizes() == at::IntArrayRef(row_shape) ||
-                     (x_scale.dim() == 1 && x_scale.size(0) == rows);
-  LOWBIT_CHECK(xs_ok, op, "argument 'x_scale' must hold one value (per-tensor) or one per row of 'x', shape ",
-               at::IntArrayRef(row_shape), "; got ", x_scale.sizes());
-  LOWBIT_CHECK(w_scale.numel() == 1 || (w_scale.dim() == 1 && w_scale.size(0) == n), op,
-               "argument 'w_scale' must hold one value (per-tensor) or one per output channel, shape [", n,
-               "]; got ", w_scale.sizes());
-  if (bias.has_value()) {
-    check_float(op, "bias", *bias);
-    check_same_device(op, "bias", *bias, "x", x);
-    LOWBIT_CHECK(bias->dim() == 1 && bias->size(0) == n, op, "argument 'bias' must have shape [", n, "], got ",
-                 bias->sizes());
-  }
-  return rows;
-}
 
 // float32 value of every e4m3fn bit pattern (NaN included), from c10's conversion.
 const float* fp8_e4m3fn_table() {
@@ -89,7 +54,8 @@ void fp8_to_f32(const uint8_t* src, float* dst, int64_t n) {
 at::Tensor fp8_matmul_cpu(const at::Tensor& x_, const at::Tensor& x_scale, const at::Tensor& w_,
                           const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                           at::ScalarType out_dtype) {
-  const int64_t m = check_fp8_matmul(x_, x_scale, w_, w_scale, bias, out_dtype);
+  constexpr const char* op = "fp8_matmul";
+  const int64_t m = check_scaled_matmul(op, x_, x_scale, w_, w_scale, bias, out_dtype, at::ScalarType::Float8_e4m3fn).m;
   const int64_t n = w_.size(0), k = w_.size(1);
   std::vector<int64_t> out_shape(x_.sizes().begin(), x_.sizes().end());
   out_shape.back() = n;

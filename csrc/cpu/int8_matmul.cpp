@@ -39,6 +39,7 @@
 
 #include "core/check.h"
 #include "core/dispatch.h"
+#include "core/scaled_matmul.h"
 #include "cpu/common.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -58,49 +59,6 @@ constexpr const char* kOp = "int8_matmul";
 constexpr int64_t kNR = 64;              // output channels per panel
 constexpr int64_t kKB = 64;              // k per block: one AMX tile row, 16 vpdpbusd steps
 constexpr int64_t kBlockBytes = kNR * kKB;
-// The largest K whose int32 accumulator cannot overflow: 128 * 128 * K < 2^31.
-constexpr int64_t kMaxK = (int64_t{1} << 31) / (128 * 128) - 1;
-
-// -- argument checks (the fake kernel's, python/lowbit/ops.py, in its order) ------------
-
-struct Sizes {
-  int64_t m, n, k;
-};
-
-Sizes check_int8_matmul(const at::Tensor& x, const at::Tensor& x_scale, const at::Tensor& w,
-                        const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
-                        at::ScalarType out_dtype) {
-  check_dtype(kOp, "x", x, at::kChar);
-  check_min_dim(kOp, "x", x, 1);
-  check_dtype(kOp, "w", w, at::kChar);
-  check_dim(kOp, "w", w, 2);
-  check_dtype(kOp, "x_scale", x_scale, at::kFloat);
-  check_dtype(kOp, "w_scale", w_scale, at::kFloat);
-  check_float_dtype_arg(kOp, "out_dtype", out_dtype);
-  check_same_device(kOp, "w", w, "x", x);
-  check_same_device(kOp, "x_scale", x_scale, "x", x);
-  check_same_device(kOp, "w_scale", w_scale, "x", x);
-  const int64_t n = w.size(0), k = w.size(1), rows = leading_rows(x);
-  LOWBIT_CHECK(x.size(-1) == k, kOp, "argument 'x' must have last dimension K = ", k, " (the columns of 'w' ",
-               w.sizes(), "), got shape ", x.sizes());
-  const std::vector<int64_t> row_shape = row_scale_shape(x);
-  LOWBIT_CHECK(x_scale.numel() == 1 || x_scale.sizes() == at::IntArrayRef(row_shape) ||
-                   (x_scale.dim() == 1 && x_scale.size(0) == rows),
-               kOp, "argument 'x_scale' must hold one value (per-tensor) or one per row of 'x', shape ",
-               at::IntArrayRef(row_shape), "; got ", x_scale.sizes());
-  LOWBIT_CHECK(w_scale.numel() == 1 || (w_scale.dim() == 1 && w_scale.size(0) == n), kOp,
-               "argument 'w_scale' must hold one value (per-tensor) or one per output channel, shape [", n,
-               "]; got ", w_scale.sizes());
-  if (bias.has_value()) {
-    check_float(kOp, "bias", *bias);
-    check_same_device(kOp, "bias", *bias, "x", x);
-    LOWBIT_CHECK(bias->dim() == 1 && bias->size(0) == n, kOp, "argument 'bias' must have shape [", n, "], got ",
-                 bias->sizes());
-  }
-  LOWBIT_CHECK(k <= kMaxK, kOp, "K = ", k, " is too large: the int32 accumulator is exact only for K <= ", kMaxK,
-               " (|sum_k x*w| <= 128 * 128 * K < 2^31)");
-  return {rows, n, k};
-}
 
 // Index of the first NaN or Inf in p[0, n), or -1.
 int64_t first_nonfinite(const float* p, int64_t n) {
@@ -484,7 +442,7 @@ void epilogue_row(const int32_t* acc, uint32_t corr, float xs, const float* ws, 
 at::Tensor int8_matmul_cpu(const at::Tensor& x_, const at::Tensor& x_scale, const at::Tensor& w_,
                            const at::Tensor& w_scale, const std::optional<at::Tensor>& bias,
                            at::ScalarType out_dtype) {
-  const Sizes sz = check_int8_matmul(x_, x_scale, w_, w_scale, bias, out_dtype);
+  const ScaledMatmulSizes sz = check_int8_matmul(x_, x_scale, w_, w_scale, bias, out_dtype);
   const int64_t m = sz.m, n = sz.n, k = sz.k;
   // Scales expanded to one float32 per row / channel: the epilogue loops stay plain.
   const at::Tensor xs = x_scale.reshape({-1}).contiguous().expand({m}).contiguous();

@@ -9,6 +9,7 @@
 #include "core/check.h"
 #include "core/dispatch.h"
 #include "cpu/common.h"
+#include "cpu/grid.h"
 
 namespace lowbit::cpu {
 namespace {
@@ -40,16 +41,7 @@ std::tuple<at::Tensor, at::Tensor> quant_params_cpu(const at::Tensor& w_, int64_
     if (!r.finite()) bad.flag(i / g);
     float scale;
     int32_t zero;
-    if (symmetric) {
-      scale = (r.absmax() * clip) / qmax;
-      if (scale == 0.f) scale = 1.f;
-      zero = sym_zero;
-    } else {
-      const float hi = r.max() * clip, lo = r.min() * clip;
-      scale = (hi - lo) / maxq;
-      if (scale == 0.f) scale = 1.f;
-      zero = static_cast<int32_t>(std::fmin(std::fmax(std::nearbyint(-lo / scale), 0.f), maxq));
-    }
+    rtn_params(r.max(), r.min(), clip, symmetric, qmax, maxq, sym_zero, scale, zero);
     sp[i] = scale;
     zp[i] = zero;
   };
@@ -133,10 +125,7 @@ at::Tensor quantize_cpu(const at::Tensor& w_, const at::Tensor& scales_, const a
           const float* f = as_f32(wp + off + b0, buf, m);
           uint8_t* dst = cp + off + b0;
           for (int64_t j = 0; j < m; ++j) {
-            float q = std::nearbyint(f[j] / s) + z;
-            q = q < 0.f ? 0.f : q;
-            q = q > maxq ? maxq : q;
-            dst[j] = static_cast<uint8_t>(static_cast<int32_t>(q));
+            dst[j] = static_cast<uint8_t>(static_cast<int32_t>(rtn_code(f[j], s, z, maxq)));
           }
           seen.add(f, m);
         }

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <vector>
 
+#include "core/activation.h"
 #include "core/check.h"
 #include "cuda/common.cuh"
 
@@ -63,27 +64,6 @@ constexpr int kStatCols = 32;
 constexpr int kStatLanes = kThreads / kStatCols;
 // Rows per chunk at least: each block then streams a few KiB, enough to hide its start.
 constexpr int64_t kStatMinChunkRows = 64;
-
-// The checks of ops.py's _check_activation_stats, in its order and words (kept identical
-// to csrc/cpu/activation.cpp).
-void check_activation_stats(const char* op, const at::Tensor& absmax, const at::Tensor& abssum,
-                            const at::Tensor& x) {
-  check_dtype(op, "absmax", absmax, at::kFloat);
-  check_dim(op, "absmax", absmax, 1);
-  check_dtype(op, "abssum", abssum, at::kDouble);
-  check_dim(op, "abssum", abssum, 1);
-  check_float(op, "x", x);
-  check_min_dim(op, "x", x, 1);
-  const int64_t k = absmax.size(0);
-  LOWBIT_CHECK(abssum.size(0) == k, op, "argument 'abssum' must have shape [", k, "] like 'absmax', got ",
-               abssum.sizes());
-  LOWBIT_CHECK(x.size(-1) == k, op, "argument 'x' must have last dimension K = ", k,
-               " (the length of 'absmax'), got shape ", x.sizes());
-  LOWBIT_CHECK(absmax.is_contiguous() && abssum.is_contiguous(), op,
-               "arguments 'absmax' and 'abssum' must be contiguous (they are updated in place)");
-  check_same_device(op, "abssum", abssum, "absmax", absmax);
-  check_same_device(op, "x", x, "absmax", absmax);
-}
 
 // Column maxima and float64 sums of |x| over row chunk blockIdx.y of x [rows, k], one
 // partial per (chunk, column), combined across the block's lanes in a fixed order: with
@@ -188,21 +168,6 @@ void activation_stats_cuda(at::Tensor& absmax, at::Tensor& abssum, const at::Ten
 }
 
 // -- quantize_per_tensor_int8 -----------------------------------------------------------
-
-// The checks of ops.py's _quantize_per_tensor_int8_fake, in its order and words, and of
-// the scale's value (kept identical to csrc/cpu/activation.cpp).
-void check_quantize_per_tensor_int8(const char* op, const at::Tensor& x, const at::Tensor& scale) {
-  check_float(op, "x", x);
-  check_min_dim(op, "x", x, 1);
-  check_dtype(op, "scale", scale, at::kFloat);
-  LOWBIT_CHECK(scale.numel() == 1, op, "argument 'scale' must hold exactly one value (per-tensor), got shape ",
-               scale.sizes());
-  check_same_device(op, "scale", scale, "x", x);
-}
-
-void check_tensor_scale_value(const char* op, float s) {
-  LOWBIT_CHECK(std::isfinite(s) && s > 0.f, op, "argument 'scale' must be positive and finite, got ", s);
-}
 
 // Flat runs of x (k columns per row) coded with the one scale; the first element holding
 // NaN is flagged by its row (and coded 0 meanwhile).

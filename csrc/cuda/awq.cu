@@ -22,21 +22,21 @@
 #include <limits>
 #include <vector>
 
+#include "core/awq.h"
 #include "core/check.h"
 #include "cuda/common.cuh"
+#include "cuda/grid.cuh"
 
 namespace lowbit::cuda {
 namespace {
 
-// As the CPU: two [rows, K] float32 temporaries of at most 128 MiB each.
-constexpr int64_t kChunkBytes = int64_t{128} << 20;
 constexpr int kDirectMax = 128;                 // clip search: direct quadratic forms up to here
 constexpr int kWarps = kThreads / 32;
 constexpr int kRowsPerWarp = 4;                 // rows per warp per gram block loaded
 constexpr int kPerLane = kDirectMax / 32;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-// The RTN grid of reference/quant.py (csrc/cuda/quant.cu's formulas) and the scale
+// The RTN grid of reference/quant.py (csrc/cuda/grid.cuh, as quant.cu) and the scale
 // rounding of QuantLinear.from_linear. scale_dtype: 0 float32, 1 float16, 2 bfloat16.
 struct Grid {
   bool symmetric;
@@ -45,17 +45,7 @@ struct Grid {
   int scale_dtype;
 
   __device__ __forceinline__ void params(float hi, float lo, float clip, float& scale, int32_t& zero) const {
-    if (symmetric) {
-      const float amax = hi > -lo ? hi : -lo;
-      scale = __fdiv_rn(__fmul_rn(amax, clip), qmax);
-      if (scale == 0.f) scale = 1.f;
-      zero = sym_zero;
-    } else {
-      const float h = __fmul_rn(hi, clip), l = __fmul_rn(lo, clip);
-      scale = __fdiv_rn(__fsub_rn(h, l), maxq);
-      if (scale == 0.f) scale = 1.f;
-      zero = static_cast<int32_t>(fminf(fmaxf(rintf(__fdiv_rn(-l, scale)), 0.f), maxq));
-    }
+    rtn_params(hi, lo, clip, symmetric, qmax, maxq, sym_zero, scale, zero);
   }
 
   // scale.clamp(min=finfo(scale_dtype).tiny).to(scale_dtype).float(): inf on overflow.
@@ -70,10 +60,7 @@ struct Grid {
 
   // dequantize(quantize(v)) on the grid (st, z).
   __device__ __forceinline__ float round(float v, float st, float z) const {
-    float q = __fadd_rn(rintf(__fdiv_rn(v, st)), z);
-    q = q < 0.f ? 0.f : q;
-    q = q > maxq ? maxq : q;
-    return __fmul_rn(__fsub_rn(q, z), st);
+    return __fmul_rn(__fsub_rn(rtn_code(v, st, z, maxq), z), st);
   }
 };
 
@@ -188,113 +175,24 @@ void launch_group_dot(const float* a, const float* b, double* out, int64_t rows,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// -- argument checks (ops.py: _check_awq_common and the fake kernels) --------------------
-
-void check_common(const char* op, const at::Tensor& w, const at::Tensor& gram, int64_t bits, int64_t group_size,
-                  at::ScalarType scale_dtype) {
-  check_dtype(op, "w", w, at::kFloat);
-  check_dim(op, "w", w, 2);
-  check_dtype(op, "gram", gram, at::kFloat);
-  const int64_t k = w.size(1);
-  LOWBIT_CHECK(gram.dim() == 2 && gram.size(0) == k && gram.size(1) == k, op, "argument 'gram' must be [K, K] = [",
-               k, ", ", k, "] for 'w' of shape ", w.sizes(), ", got ", gram.sizes());
-  check_same_device(op, "gram", gram, "w", w);
-  check_bits(op, bits);
-  check_group_size(op, group_size);
-  check_float_dtype_arg(op, "scale_dtype", scale_dtype);
-}
-
-// As the CPU: the first row (1-D: element) of t holding NaN or Inf, or -1.
-int64_t first_nonfinite(const at::Tensor& t) {
-  if (t.numel() == 0 || std::isfinite(t.sum(at::kDouble).item<double>())) return -1;
-  const at::Tensor bad = (t.dim() == 2 ? t.isfinite().all(1) : t.isfinite()).logical_not().cpu();
-  const bool* p = bad.const_data_ptr<bool>();
-  for (int64_t i = 0; i < bad.numel(); ++i) {
-    if (p[i]) return i;
-  }
-  return -1;
-}
-
-void check_finite_w_gram(const char* op, const at::Tensor& w, const at::Tensor& gram) {
-  const int64_t bad_w = first_nonfinite(w);
-  LOWBIT_CHECK(bad_w < 0, op, "argument 'w' holds NaN or Inf (row ", bad_w, "); clean the weight first");
-  const int64_t bad_g = first_nonfinite(gram);
-  LOWBIT_CHECK(bad_g < 0, op, "argument 'gram' holds NaN or Inf (row ", bad_g,
-               "): the calibration activations had NaN or Inf; check the model's outputs on the "
-               "calibration data in full precision");
-}
-
 // -- scale search -----------------------------------------------------------------------
-
-// The candidates' s [n_grid, K] by the reference's torch ops, on the GPU as the reference
-// runs them there.
-at::Tensor scale_candidates(const at::Tensor& act_mean, int64_t n_grid) {
-  const int64_t k = act_mean.size(0);
-  at::Tensor out = at::empty({n_grid, k}, act_mean.options());
-  if (k == 0) return out;
-  const at::Tensor x = act_mean.clamp(at::Scalar(1e-4), std::nullopt);
-  for (int64_t i = 0; i < n_grid; ++i) {
-    const at::Tensor s = x.pow(at::Scalar(static_cast<double>(i) / static_cast<double>(n_grid)));
-    out.select(0, i).copy_(s.div(s.max().mul(s.min()).sqrt()));
-  }
-  return out;
-}
-
-// As the CPU (reference.awq.candidate_is_valid, |w * s| through max_n |w| * s).
-std::vector<int64_t> valid_candidates(const at::Tensor& w, const at::Tensor& cands, double max_value) {
-  const int64_t n_grid = cands.size(0);
-  std::vector<int64_t> valid;
-  if (cands.size(1) == 0) {
-    for (int64_t i = 0; i < n_grid; ++i) valid.push_back(i);
-    return valid;
-  }
-  const at::Tensor inv = cands.reciprocal();
-  at::Tensor ok = cands.isfinite().all(1).logical_and(inv.isfinite().all(1)).logical_and(inv.le(max_value).all(1));
-  if (w.size(0) > 0) {
-    const at::Tensor ws = w.abs().amax(0).unsqueeze(0).mul(cands);
-    ok = ok.logical_and(ws.isfinite().all(1)).logical_and(ws.le(max_value).all(1));
-  }
-  const at::Tensor ok_cpu = ok.cpu();
-  const bool* p = ok_cpu.const_data_ptr<bool>();
-  for (int64_t i = 0; i < n_grid; ++i) {
-    if (p[i]) valid.push_back(i);
-  }
-  return valid;
-}
 
 std::tuple<at::Tensor, at::Tensor> awq_scale_search_cuda(const at::Tensor& w_, const at::Tensor& gram_,
                                                          const at::Tensor& act_mean_, int64_t bits, int64_t group_size,
                                                          bool symmetric, int64_t n_grid, at::ScalarType scale_dtype,
                                                          double max_value) {
   constexpr const char* op = "awq_scale_search";
-  check_common(op, w_, gram_, bits, group_size, scale_dtype);
-  check_dtype(op, "act_mean", act_mean_, at::kFloat);
-  const int64_t k = w_.size(1);
-  LOWBIT_CHECK(act_mean_.dim() == 1 && act_mean_.size(0) == k, op, "argument 'act_mean' must have shape [", k,
-               "] (K of 'w'), got ", act_mean_.sizes());
-  check_same_device(op, "act_mean", act_mean_, "w", w_);
-  LOWBIT_CHECK(n_grid >= 1, op, "argument 'n_grid' must be >= 1, got ", n_grid);
-  LOWBIT_CHECK(max_value > 0, op, "argument 'max_value' must be positive, got ", max_value);
+  check_awq_scale_search(op, w_, gram_, act_mean_, bits, group_size, n_grid, scale_dtype, max_value);
   check_cuda(op, "w", w_);
   const c10::cuda::CUDAGuard guard(w_.device());
   const at::Tensor w = w_.contiguous(), gram = gram_.contiguous(), act_mean = act_mean_.contiguous();
-  check_finite_w_gram(op, w, gram);
-  const int64_t bad_a = first_nonfinite(act_mean);
-  LOWBIT_CHECK(bad_a < 0, op, "argument 'act_mean' holds NaN or Inf (channel ", bad_a, ")");
-  if (k > 0 && act_mean.lt(0).any().item<bool>()) {
-    const at::Tensor a = act_mean.cpu();
-    const float* ap = a.const_data_ptr<float>();
-    for (int64_t i = 0; i < k; ++i) {
-      LOWBIT_CHECK(ap[i] >= 0.f, op, "argument 'act_mean' must be >= 0 (a mean of |x|), got ", ap[i],
-                   " at channel ", i);
-    }
-  }
+  check_awq_scale_search_values(op, w, gram, act_mean);
 
-  const int64_t n = w.size(0);
-  const at::Tensor cands = scale_candidates(act_mean, n_grid);
+  const int64_t n = w.size(0), k = w.size(1);
+  const at::Tensor cands = awq_scale_candidates(act_mean, n_grid);
   if (k == 0) return {at::zeros({n_grid}, w.options().dtype(at::kDouble)), cands.select(0, 0).clone()};
 
-  const std::vector<int64_t> cand = valid_candidates(w, cands, max_value);
+  const std::vector<int64_t> cand = awq_valid_candidates(w, cands, max_value);
   const int64_t nv = static_cast<int64_t>(cand.size()), total = nv * n;
   std::vector<double> cand_loss(nv, 0.0);
   std::vector<int32_t> cand_overflow(nv, 0);
@@ -306,7 +204,7 @@ std::tuple<at::Tensor, at::Tensor> awq_scale_search_cuda(const at::Tensor& w_, c
     at::Tensor row_loss = at::empty({total}, w.options().dtype(at::kDouble));
     const Grid grid = make_grid(bits, symmetric, scale_dtype);
     const int64_t gs = std::min(group_size, k), g = num_groups(k, group_size);
-    const int64_t chunk = std::min(total, std::max<int64_t>(1, kChunkBytes / (4 * k)));
+    const int64_t chunk = awq_chunk_rows(total, k);
     at::Tensor d = at::empty({chunk, k}, w.options()), dg = at::empty({chunk, k}, w.options());
     for (int64_t r0 = 0; r0 < total; r0 += chunk) {
       const int64_t rows = std::min(chunk, total - r0);
@@ -331,11 +229,7 @@ std::tuple<at::Tensor, at::Tensor> awq_scale_search_cuda(const at::Tensor& w_, c
   for (int64_t j = 0; j < nv; ++j) {
     lp[cand[j]] = cand_overflow[j] || std::isnan(cand_loss[j]) ? kInf : cand_loss[j];
   }
-  int64_t best = 0;
-  for (int64_t i = 1; i < n_grid; ++i) {
-    if (lp[i] < lp[best]) best = i;
-  }
-  return {losses.to(w.options().dtype(at::kDouble)), cands.select(0, best).clone()};
+  return {losses.to(w.options().dtype(at::kDouble)), cands.select(0, awq_best_candidate(lp, n_grid)).clone()};
 }
 
 // -- clip search ------------------------------------------------------------------------
@@ -455,24 +349,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> awq_clip_search_cuda(const at::Te
                                                                     int64_t n_grid, double max_shrink,
                                                                     at::ScalarType scale_dtype) {
   constexpr const char* op = "awq_clip_search";
-  check_common(op, w_, gram_, bits, group_size, scale_dtype);
-  LOWBIT_CHECK(n_grid >= 1, op, "argument 'n_grid' must be >= 1, got ", n_grid);
-  LOWBIT_CHECK(max_shrink >= 0 && max_shrink < 1, op, "argument 'max_shrink' must be in [0, 1), got ", max_shrink);
+  check_awq_clip_search(op, w_, gram_, bits, group_size, n_grid, max_shrink, scale_dtype);
   check_cuda(op, "w", w_);
   const c10::cuda::CUDAGuard guard(w_.device());
   const at::Tensor w = w_.contiguous(), gram = gram_.contiguous();
   check_finite_w_gram(op, w, gram);
   const int64_t n = w.size(0), k = w.size(1), g = num_groups(k, group_size);
-  at::Tensor scales = at::empty({n, g}, w.options());
-  at::Tensor zeros = at::empty({n, g}, w.options().dtype(at::kInt));
-  at::Tensor ratios = at::empty({n, g}, w.options());
+  const auto [scales, zeros, ratios] = awq_clip_outputs(w, g);
   if (n * g == 0) return {scales, zeros, ratios};
 
-  const int64_t n_ratio = std::max<int64_t>(1, static_cast<int64_t>(max_shrink * static_cast<double>(n_grid)));
-  std::vector<float> clips(n_ratio);
-  for (int64_t i = 0; i < n_ratio; ++i) {
-    clips[i] = static_cast<float>(1.0 - static_cast<double>(i) / static_cast<double>(n_grid));
-  }
+  const std::vector<float> clips = awq_clip_ratios(max_shrink, n_grid);
+  const int64_t n_ratio = static_cast<int64_t>(clips.size());
   const Grid grid = make_grid(bits, symmetric, scale_dtype);
   const int64_t gs = std::min(group_size, k);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -494,7 +381,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> awq_clip_search_cuda(const at::Te
     return {scales, zeros, ratios};
   }
 
-  const int64_t chunk = std::min(n, std::max<int64_t>(1, kChunkBytes / (4 * k)));
+  const int64_t chunk = awq_chunk_rows(n, k);
   at::Tensor d = at::empty({chunk, k}, w.options()), e = at::empty({chunk, k}, w.options());
   at::Tensor cand_scale = at::empty({chunk * g}, w.options());
   at::Tensor cand_zero = at::empty({chunk * g}, w.options().dtype(at::kInt));
@@ -505,11 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> awq_clip_search_cuda(const at::Te
     for (int64_t i = 0; i < n_ratio; ++i) {
       launch_diff<false>(w.const_data_ptr<float>(), nullptr, d.data_ptr<float>(), r0, rows, n, k, gs, g, grid,
                          clips[i], nullptr, cand_scale.data_ptr<float>(), cand_zero.data_ptr<int32_t>(), stream);
-      for (int64_t gi = 0; gi < g; ++gi) {
-        const int64_t k0 = gi * gs, len = std::min(k, k0 + gs) - k0;
-        at::Tensor ev = e.narrow(0, 0, rows).narrow(1, k0, len);
-        at::mm_out(ev, d.narrow(0, 0, rows).narrow(1, k0, len), gram.narrow(0, k0, len).narrow(1, k0, len));
-      }
+      awq_group_gemms(e, d, gram, rows, gs, g);
       launch_group_dot(e.const_data_ptr<float>(), d.const_data_ptr<float>(), dots.data_ptr<double>(), rows, k, gs, g,
                        stream);
       clip_update_kernel<<<grid_for(rows * g, kThreads), kThreads, 0, stream>>>(

@@ -12,6 +12,7 @@
 #include <c10/util/Half.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -23,6 +24,13 @@
 // codes would stop matching the reference.
 #if defined(__CUDA_ARCH__) && defined(__USE_FAST_MATH__)
 #error "lowbit's CUDA kernels need IEEE float32 arithmetic: do not build them with --use_fast_math"
+#endif
+
+// at::mm(a, b, out_dtype) (float16/bfloat16 inputs, float32 output) is in torch >= 2.8.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define LOWBIT_HAS_MM_DTYPE 1
+#else
+#define LOWBIT_HAS_MM_DTYPE 0
 #endif
 
 namespace lowbit::cuda {

@@ -23,20 +23,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
 #include <optional>
 
 #include "core/check.h"
 #include "core/matmul.h"
 #include "cuda/common.cuh"
-
-// mm.dtype (float16/bfloat16 inputs, float32 output) is in torch >= 2.8.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define LOWBIT_HAS_MM_DTYPE 1
-#else
-#define LOWBIT_HAS_MM_DTYPE 0
-#endif
 
 namespace lowbit::cuda {
 namespace {

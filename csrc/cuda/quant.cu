@@ -13,6 +13,7 @@
 
 #include "core/check.h"
 #include "cuda/common.cuh"
+#include "cuda/grid.cuh"
 
 namespace lowbit::cuda {
 namespace {
@@ -46,17 +47,7 @@ quant_params_kernel(const T* __restrict__ w, float* __restrict__ scales, int32_t
     if (lane != 0) continue;
     float scale;
     int32_t zero;
-    if (symmetric) {
-      const float amax = hi > -lo ? hi : -lo;
-      scale = __fdiv_rn(__fmul_rn(amax, clip), qmax);
-      if (scale == 0.f) scale = 1.f;
-      zero = sym_zero;
-    } else {
-      const float h = __fmul_rn(hi, clip), l = __fmul_rn(lo, clip);
-      scale = __fdiv_rn(__fsub_rn(h, l), maxq);
-      if (scale == 0.f) scale = 1.f;
-      zero = static_cast<int32_t>(fminf(fmaxf(rintf(__fdiv_rn(-l, scale)), 0.f), maxq));
-    }
+    rtn_params(hi, lo, clip, symmetric, qmax, maxq, sym_zero, scale, zero);
     scales[i] = scale;
     zeros[i] = zero;
   }
@@ -148,10 +139,7 @@ quantize_kernel(const T* __restrict__ w, const float* __restrict__ scales,
         z = static_cast<float>(zeros[idx]);
       }
       const float v = to_f32(in[j]);
-      float q = __fadd_rn(rintf(__fdiv_rn(v, s)), z);
-      q = q < 0.f ? 0.f : q;
-      q = q > maxq ? maxq : q;
-      out[j] = static_cast<uint8_t>(static_cast<int32_t>(q));
+      out[j] = static_cast<uint8_t>(static_cast<int32_t>(rtn_code(v, s, z, maxq)));
       if (!isfinite(v)) flag_min(bad, pos.row);
       pos.advance(k, group_size);
     }
