@@ -31,7 +31,8 @@ after it.
 
 Progress goes to the log (stderr); the tables are printed at the end. Results go to
 benchmarks/results/eval_awq_w8a8.json (``--quick``: /tmp/eval_awq_w8a8_quick.json), merged
-into an existing file model by model, so models can be run one at a time.
+into an existing file model by model, so models can be run one at a time (a model's rows
+from an earlier run with the same baseline figures are kept unless re-run).
 """
 from __future__ import annotations
 
@@ -241,7 +242,11 @@ def main(argv=None) -> int:
         fp_bytes = lowbit.model_bytes(model)
         log.info("%s: fp %s, %d rows (%.0f s to load and score fp)", name, fp, len(rows_plan),
                  time.perf_counter() - start)
-        rows: list[dict] = []
+        # Rows of an earlier run with the same baseline (same data and settings) are kept
+        # unless this run redoes them, so a model's table can be filled in over several runs.
+        old = results["models"].get(name) or {}
+        planned = {spec["id"] for spec in rows_plan}
+        rows: list[dict] = [r for r in old.get("rows", []) if r["id"] not in planned] if old.get("fp") == fp else []
         entry = {"description": models.MODELS[name].description, **info, "run": run,
                  "calibration_shape": list(calib["input_ids"].shape if isinstance(calib, dict) else calib.shape),
                  "weight_schemes": weight_schemes(name), "complete": False, "fp": fp, "fp_model_bytes": fp_bytes,

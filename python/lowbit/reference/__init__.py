@@ -4,6 +4,7 @@ Kernels (CPU and CUDA) are tested against these functions; integer codes and pac
 words must match them bit for bit, and weight_only_matmul to within float32 rounding
 (reference/matmul.py). They favour clarity over speed.
 """
+from .awq import awq_clip_search, awq_scale_search
 from .activation import activation_stats, quantize_per_tensor_int8, quantize_per_token_int8
 from . import gptq
 from .fp8 import dequantize_fp8, fp8_matmul, fp8_max, quantize_fp8, quantize_fp8_dynamic
@@ -15,5 +16,6 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
     "weight_only_matmul", "gptq", "num_groups", "expand_groups", "packed_rows", "fp8_max",
-    "activation_stats", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul",
+    "activation_stats", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul", "awq_scale_search",
+    "awq_clip_search",
 ]
