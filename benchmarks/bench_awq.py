@@ -101,7 +101,7 @@ from lowbit._report import format_table  # noqa: E402
 from lowbit.reference import awq as ref_awq  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import run_info, setup_run, time_once  # noqa: E402
+from bench_quantize import _loadavg, run_info, setup_run, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BITS, SYMMETRIC = 4, True
@@ -123,13 +123,6 @@ DESCRIPTION = {
 def _err(e: BaseException) -> str:
     msg = str(e).splitlines()[0][:300] if str(e) else ""
     return f"{type(e).__name__}: {msg}"
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
 
 
 def _sync(cuda: bool) -> None:
@@ -605,8 +598,6 @@ def main(argv=None) -> int:
     if desc is None:
         return 2
     t_start = time.perf_counter()
-    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
     load_before = _loadavg()
     result = {"benchmark": "bench_awq", **run_info(args.device, desc),
               "settings": {"model": "SmolLM2-135M-Instruct (lowbit.models.load_smollm2, float32)",

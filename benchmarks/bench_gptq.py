@@ -64,7 +64,6 @@ import argparse
 import inspect
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -79,7 +78,7 @@ from lowbit._report import format_table
 from lowbit.reference import gptq as ref_gptq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import device_description, run_info, setup_run, time_once  # noqa: E402
+from bench_quantize import _loadavg, device_description, run_info, setup_run, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SHAPES = [(4096, 4096, "7B q/k/v/o"), (11008, 4096, "7B gate/up"), (4096, 11008, "7B down")]
@@ -90,13 +89,6 @@ SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, nu
                max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, head_dim=64,
                hidden_act="silu")
 CALIB_TEXTS = ("text/other/tinyshakespeare_input.txt", "text/wikitext-2-raw/wiki.test.raw")
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
 
 
 def _err(e: BaseException) -> str:
@@ -516,8 +508,6 @@ def main(argv=None) -> int:
     if desc is None:
         return 2
     t_start = time.perf_counter()
-    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
     load_before = _loadavg()
     result = {"benchmark": "bench_gptq", **run_info(args.device, desc),
               "settings": {"shapes": args.shapes, "rows": args.rows, "bits": BITS, "group_size": GROUP,

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ from lowbit import reference as ref
 from lowbit._report import format_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quantize import Timer, copy_bandwidth, device_description, run_info, setup_run, time_once  # noqa: E402
+from bench_quantize import Timer, _loadavg, copy_bandwidth, device_description, run_info, setup_run, time_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # (N, K, layer): Llama-7B q/k/v/o, gate/up, down; Llama-3-8B gate/up, down (its q/o are
@@ -65,13 +64,6 @@ SHAPES = [(4096, 4096, "7B q/k/v/o"), (11008, 4096, "7B gate/up"), (4096, 11008,
 SCHEMES = [("int8", 8, None), ("int4-g128", 4, 128), ("int4-g32", 4, 32)]
 M_VALUES = [1, 4, 16, 64, 256, 1024]
 DECODE_MAX_M = 16   # weights rotated through copies up to this M
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
 
 
 def _llc_bytes() -> int:
@@ -319,9 +311,7 @@ def main(argv=None) -> int:
     if desc is None:
         return 2
     t_start = time.perf_counter()
-    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}; "
-          f"decode weights rotated through {args.rotate_mib} MiB")
+    print(f"decode weights rotated through {args.rotate_mib} MiB")
     load_before = _loadavg()
     copy = copy_bandwidth(Timer(args.device, 5, 1, 10.0), args.device)
     print(f"copy bandwidth: {copy['gbps']:.1f} GB/s (1 GiB float32 copy_, read + write)\n")

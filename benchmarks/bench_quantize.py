@@ -259,14 +259,18 @@ def _loadavg() -> float | None:
 
 def setup_run(name: str, args) -> str | None:
     """Common start of a benchmark's main: --device cuda needs a GPU (None: the caller exits
-    with 2), --threads applied, seed 0. Returns the device description."""
+    with 2), --threads applied, seed 0, the device line printed. Returns the device
+    description."""
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"{name}: --device cuda needs a CUDA GPU", file=sys.stderr)
         return None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    return device_description(args.device)
+    desc = device_description(args.device)
+    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
+    return desc
 
 
 def git_commit() -> str | None:
@@ -318,8 +322,6 @@ def main(argv=None) -> int:
     shapes = WEIGHT_SHAPES[:1] if args.quick else WEIGHT_SHAPES
 
     desc = device_description(args.device)
-    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
     load_before = _loadavg()
     copy = copy_bandwidth(timer, args.device)
     print(f"copy bandwidth: {copy['gbps']:.1f} GB/s (1 GiB float32 copy_, read + write); "

@@ -189,8 +189,6 @@ def main(argv=None) -> int:
     if desc is None:
         return 2
     t_start = time.perf_counter()
-    print(f"device: {desc}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"lowbit CPU_ISA={lowbit.build_info.CPU_ISA} CUDA={lowbit.build_info.CUDA}")
     load_before = _loadavg()
     timer = Timer(args.device, args.repeats, args.warmup, args.budget)
     copy = copy_bandwidth(Timer(args.device, 5, 1, 10.0), args.device)
