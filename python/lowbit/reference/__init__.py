@@ -9,6 +9,7 @@ from .activation import activation_stats, quantize_per_tensor_int8, quantize_per
 from . import gptq
 from .fp8 import dequantize_fp8, fp8_matmul, fp8_max, quantize_fp8, quantize_fp8_dynamic
 from .matmul import int8_matmul, weight_only_matmul
+from .mma import mma_codes, mma_matmul, pack_mma, param_order, unpack_mma
 from .packing import pack_int32, packed_rows, unpack_int32
 from .quant import dequantize, expand_groups, num_groups, quant_params, quantize
 
@@ -17,5 +18,5 @@ __all__ = [
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
     "weight_only_matmul", "gptq", "num_groups", "expand_groups", "packed_rows", "fp8_max",
     "activation_stats", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul", "awq_scale_search",
-    "awq_clip_search",
+    "awq_clip_search", "pack_mma", "unpack_mma", "mma_codes", "mma_matmul", "param_order",
 ]
