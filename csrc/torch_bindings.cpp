@@ -48,6 +48,14 @@ TORCH_LIBRARY(lowbit, m) {
   m.def("quantize_per_tensor_int8(Tensor x, Tensor scale) -> Tensor");
   m.def("int8_matmul(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
   m.def("fp8_matmul(Tensor x, Tensor x_scale, Tensor w, Tensor w_scale, Tensor? bias, ScalarType out_dtype) -> Tensor");
+  // Tensor-core weight-only matmul (reference/mma.py). pack_mma re-lays a GPTQ qweight
+  // int32 [K * bits / 32, N] (bits 4 or 8, K % 16 == 0, N % 64 == 0) with its scales
+  // float [G, N] and zeros int32/uint8 [G, N] into the mma layout: packed int32
+  // [K / 16, N * bits / 2], scales [G, N] (same dtype) and zeros uint8 [G, N], columns
+  // permuted within each 64. mma_matmul: y = x @ W^T + bias from that layout, x float
+  // [..., K]; max_mma_rows picks the path (-1: measured default, 0: dequantize + GEMM).
+  m.def("pack_mma(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def("mma_matmul(Tensor x, Tensor packed, Tensor scales, Tensor zeros, int bits, int group_size, Tensor? bias=None, int max_mma_rows=-1) -> Tensor");
 }
 
 // A plain extension module: importing lowbit._C runs the static registrations above

@@ -7,9 +7,14 @@
 #   KEXPR   -k expression for tests/ops + tests/api (default: the CUDA cases that do not
 #           expect an exception, while the crash below is open)
 #   BENCHES benchmark commands, ';'-separated (default: bench_awq on a random SmolLM2)
+#   STEPS   which stages run, in this order (default: "probes smoke sanitizer tests pipeline benches")
+#   TESTS   pytest paths of the "tests" stage (default: tests/ops tests/api)
 # .whl/ (git-ignored) may hold wheels missing there (expecttest, the GPTQ peer's):
 #   benchmarks/peers/install_peer.sh --wheels .whl
 set -uo pipefail
+STEPS=${STEPS:-"probes smoke sanitizer tests pipeline benches"}
+TESTS=${TESTS:-"tests/ops tests/api"}
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 OUT=${OUT:-/tmp/lowbit-device}; mkdir -p "$OUT"
 # Tests whose CUDA kernel throws (bad input, NaN) are left out while the crash is open.
 KEXPR=${KEXPR:-"cuda and not bad and not nan and not nonfinite and not inf and not error and not raise and not large"}
@@ -31,7 +36,7 @@ stamp build
 # C++ exceptions thrown by lowbit's kernels segfaulted on this image (2026-11-25/26): a
 # c10::ValueError, from CPU or CUDA ops, even in a plain process; a c10::TypeError not.
 # Record which throw kills (see benchmarks/results/gpu_h200_2026-11-26_issue5.md).
-for case in "cpu ValueError" "cuda ValueError" "cuda TypeError"; do
+has probes && for case in "cpu ValueError" "cuda ValueError" "cuda TypeError"; do
   set -- $case
   timeout 60 python3 -c "
 import torch, lowbit
@@ -48,14 +53,33 @@ except $2 as e:
 done | tee -a "$OUT/device.txt"
 stamp probes
 
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 12 \
-  tests/ops tests/api -k "$KEXPR" 2>&1 | tee "$OUT/pytest.log" | tail -25
-stamp ops_tests
-PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 100 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 8 \
-  tests/calibration/test_scale_pipeline.py -k "not nan" 2>&1 | tee -a "$OUT/pytest.log" | tail -15
-stamp pipeline_tests
-IFS=';' read -ra cmds <<< "$BENCHES"
-for c in "${cmds[@]}"; do
-  timeout 110 bash -c "$c" 2>&1 | tee -a "$OUT/bench.log" | tail -40
-  stamp "bench: $c"
-done
+# The tensor-core matmul against its specification on Llama shapes, both paths; then the
+# small cases under compute-sanitizer's memcheck.
+if has smoke; then
+  timeout 90 python3 scripts/mma_smoke.py 2>&1 | tee "$OUT/smoke.log" | tail -40
+  stamp smoke
+fi
+if has sanitizer; then
+  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  timeout 120 "$SAN" --tool memcheck --error-exitcode 7 python3 scripts/mma_smoke.py --small 2>&1 \
+    | tee "$OUT/sanitizer.log" | tail -15
+  echo "compute-sanitizer memcheck rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
+  stamp sanitizer
+fi
+if has tests; then
+  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 12 \
+    $TESTS -k "$KEXPR" 2>&1 | tee "$OUT/pytest.log" | tail -25
+  stamp ops_tests
+fi
+if has pipeline; then
+  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 100 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 8 \
+    tests/calibration/test_scale_pipeline.py -k "not nan" 2>&1 | tee -a "$OUT/pytest.log" | tail -15
+  stamp pipeline_tests
+fi
+if has benches; then
+  IFS=';' read -ra cmds <<< "$BENCHES"
+  for c in "${cmds[@]}"; do
+    timeout 150 bash -c "$c" 2>&1 | tee -a "$OUT/bench.log" | tail -60
+    stamp "bench: $c"
+  done
+fi

@@ -17,7 +17,7 @@ __all__ = [
     "quant_params", "quantize", "dequantize", "pack_int32", "unpack_int32",
     "quantize_fp8", "quantize_fp8_dynamic", "dequantize_fp8", "quantize_per_token_int8",
     "weight_only_matmul", "accumulate_hessian", "gptq_solve", "activation_stats", "awq_scale_search",
-    "awq_clip_search", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul",
+    "awq_clip_search", "quantize_per_tensor_int8", "int8_matmul", "fp8_matmul", "pack_mma", "mma_matmul",
 ]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -827,3 +827,145 @@ def fp8_matmul(
 def _fp8_matmul_fake(x, x_scale, w, w_scale, bias, out_dtype):
     _check_scaled_matmul("fp8_matmul", x, x_scale, w, w_scale, bias, out_dtype, torch.float8_e4m3fn)
     return x.new_empty(*x.shape[:-1], w.shape[0], dtype=out_dtype)
+
+
+# -- tensor-core weight-only matmul (reference/mma.py) ------------------------------------
+
+def pack_mma(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int,
+             group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Re-lay a GPTQ-layout weight into the mma layout of :func:`mma_matmul` (done once,
+    at load time). Layout: :mod:`lowbit.reference.mma`.
+
+    Args:
+        qweight: int32 ``[K * bits / 32, N]``, GPTQ's qweight (``QuantLinear.qweight``).
+        scales: float32/float16/bfloat16 ``[G, N]`` (groups x out features, as
+            ``QuantLinear.scales``), ``G = ceil(K / group_size)``.
+        zeros: int32 or uint8 ``[G, N]``, each in ``0..255``.
+        bits: 4 or 8. group_size: a multiple of 16, or ``>= K`` (per-channel).
+        K (``in_features``) must be a multiple of 16 and N (``out_features``) of 64.
+
+    Returns:
+        ``(packed, scales, zeros)``: int32 ``[K / 16, N * bits / 2]``, ``scales.dtype``
+        ``[G, N]`` and uint8 ``[G, N]``, the last two with the columns of each block of 64
+        permuted (``reference.mma.param_order``), all contiguous, on ``qweight``'s device.
+
+    Raises:
+        ValueError: a shape the layout cannot hold (the message says which), or a zero
+            point outside ``0..255``.
+    """
+    return _lib.pack_mma.default(qweight, scales, zeros, bits, group_size)
+
+
+def _check_mma_shape(op, bits, k, n, group_size):
+    # Mirrors csrc/core/mma.h (check_mma_shape).
+    torch._check_value(bits in (4, 8), _msg(
+        op, f"the mma layout holds 4- or 8-bit codes, got bits={bits}; use weight_only_matmul for other widths"))
+    torch._check_value(k % 16 == 0, _msg(
+        op, f"the mma layout needs K (in_features) divisible by 16, got K={k}; use weight_only_matmul "
+        "for this layer"))
+    torch._check_value(n % 64 == 0, _msg(
+        op, f"the mma layout needs N (out_features) divisible by 64, got N={n}; use weight_only_matmul "
+        "for this layer"))
+    torch._check_value(group_size >= k or group_size % 16 == 0, _msg(
+        op, f"the mma layout needs group_size divisible by 16 (or >= K for per-channel), got {group_size}"))
+
+
+@torch.library.register_fake("lowbit::pack_mma")
+def _pack_mma_fake(qweight, scales, zeros, bits, group_size):
+    op = "pack_mma"
+    _check_dtype(op, "qweight", qweight, torch.int32)
+    _check_dim(op, "qweight", qweight, 2)
+    _check_float(op, "scales", scales)
+    _check_dim(op, "scales", scales, 2)
+    torch._check_type(zeros.dtype in (torch.int32, torch.uint8), _msg(
+        op, f"argument 'zeros' must be torch.int32 or torch.uint8, got {zeros.dtype}"))
+    _check_group_size(op, group_size)
+    torch._check_value(bits in (4, 8), _msg(
+        op, f"the mma layout holds 4- or 8-bit codes, got bits={bits}; use weight_only_matmul for other widths"))
+    k, n = qweight.shape[0] * 32 // bits, qweight.shape[1]
+    _check_mma_shape(op, bits, k, n, group_size)
+    _check_same_device(op, "scales", scales, "qweight", qweight)
+    _check_same_device(op, "zeros", zeros, "qweight", qweight)
+    g = _num_groups(k, group_size)
+    torch._check_value(scales.shape[0] == g and scales.shape[1] == n, _msg(
+        op, f"argument 'scales' must have shape [{g}, {n}] (groups x out_features for K={k}, group_size "
+        f"{group_size}), got {list(scales.shape)}"))
+    torch._check_value(zeros.shape == scales.shape, _msg(
+        op, f"argument 'zeros' must have the shape of 'scales' {list(scales.shape)}, got {list(zeros.shape)}"))
+    return (qweight.new_empty(k // 16, n * bits // 2), scales.new_empty(g, n),
+            zeros.new_empty(g, n, dtype=torch.uint8))
+
+
+def mma_matmul(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int,
+    bias: Tensor | None = None,
+    max_mma_rows: int = -1,
+) -> Tensor:
+    """A weight-only quantized linear layer from the mma layout: ``x @ W.t() + bias``.
+
+    ``W = (q - zero) * scale`` ``[N, K]`` with the scale first rounded to ``x.dtype``, and
+    ``W`` rounded to ``x.dtype`` (the value a tensor core multiplies); float32
+    accumulation, one rounding of the result. Semantics: :mod:`lowbit.reference.mma`.
+
+    On CUDA (sm_80+, float16/bfloat16 ``x``) rows up to ``max_mma_rows`` run on a
+    tensor-core kernel that reads the packed codes once (``mma.sync`` with an
+    asynchronous multi-stage copy pipeline and split-K); more rows dequantize ``W`` once
+    and call cuBLAS. float32 ``x``, the CPU and older GPUs always take the second path.
+
+    Args:
+        x: float32/float16/bfloat16 ``[..., K]``; ``M`` = product of the leading dims.
+        packed, scales, zeros: from :func:`pack_mma` (int32 ``[K / 16, N * bits / 2]``,
+            float ``[G, N]``, uint8 ``[G, N]``).
+        bits: 4 or 8, as packed. group_size: as packed.
+        bias: optional float ``[N]``.
+        max_mma_rows: ``-1`` (default) picks the path from crossovers measured on H100/H200
+            (``benchmarks/bench_mma.py``); ``0`` always dequantizes + GEMM; a large value
+            always runs the tensor-core kernel (benchmarks and tests).
+
+    Returns:
+        ``x.dtype`` ``[..., N]``, contiguous.
+    """
+    return _lib.mma_matmul.default(x, packed, scales, zeros, bits, group_size, bias, max_mma_rows)
+
+
+@torch.library.register_fake("lowbit::mma_matmul")
+def _mma_matmul_fake(x, packed, scales, zeros, bits, group_size, bias=None, max_mma_rows=-1):
+    op = "mma_matmul"
+    _check_float(op, "x", x)
+    _check_min_dim(op, "x", x, 1)
+    _check_dtype(op, "packed", packed, torch.int32)
+    _check_dim(op, "packed", packed, 2)
+    _check_float(op, "scales", scales)
+    _check_dim(op, "scales", scales, 2)
+    _check_dtype(op, "zeros", zeros, torch.uint8)
+    _check_group_size(op, group_size)
+    torch._check_value(bits in (4, 8), _msg(op, f"the mma layout holds 4- or 8-bit codes, got bits={bits}"))
+    _check_same_device(op, "packed", packed, "x", x)
+    _check_same_device(op, "scales", scales, "x", x)
+    _check_same_device(op, "zeros", zeros, "x", x)
+    k = x.shape[-1]
+    torch._check_value(packed.shape[0] * 16 == k, _msg(
+        op, f"argument 'packed' must have K/16 = {k // 16} rows for K={k} (the last dim of 'x'), got shape "
+        f"{list(packed.shape)}"))
+    torch._check_value((packed.shape[1] * 2) % bits == 0, _msg(
+        op, f"argument 'packed' has {packed.shape[1]} words per row, not a whole number of columns at "
+        f"bits={bits}"))
+    n = packed.shape[1] * 2 // bits
+    _check_mma_shape(op, bits, k, n, group_size)
+    g = _num_groups(k, group_size)
+    torch._check_value(scales.shape[0] == g and scales.shape[1] == n, _msg(
+        op, f"argument 'scales' must have shape [{g}, {n}] for K={k}, N={n} and group_size {group_size}, "
+        f"got {list(scales.shape)}"))
+    torch._check_value(zeros.shape == scales.shape, _msg(
+        op, f"argument 'zeros' must have the shape of 'scales' {list(scales.shape)}, got {list(zeros.shape)}"))
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        _check_same_device(op, "bias", bias, "x", x)
+        torch._check_value(bias.dim() == 1 and bias.shape[0] == n, _msg(
+            op, f"argument 'bias' must have shape [{n}], got {list(bias.shape)}"))
+    return x.new_empty(*x.shape[:-1], n)

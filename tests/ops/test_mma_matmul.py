@@ -7,6 +7,9 @@ another order, split-K, tensor-core accumulation), so each output is checked aga
 the float64 value of the reference formula (W rounded to x.dtype, as specified) within
 
     2 (K + G + 8) u32 sum_k |x| |W|  +  half an ulp of x.dtype (one rounding of y)
+                                     +  half an ulp of |bias| in x.dtype
+
+(the last term: the cuBLAS path adds the bias in its epilogue, rounded to x.dtype first).
 
 u32 = 2**-24: a float32 sum of n terms errs by at most n u32 of the sum of their
 magnitudes; the factor 2 covers tensor cores, whose float32 accumulation truncates. A
@@ -91,6 +94,8 @@ def _check(y, x, packed, scales, zeros, bits, group_size, bias=None, what=""):
     mag = mag.reshape(y64.shape)
     tol = 2 * (k + ref.num_groups(k, group_size) + 8) * U32 * mag
     tol = tol + OUT_REL[x.dtype] * (y64.abs() + tol) + OUT_ABS[x.dtype]
+    if bias is not None:
+        tol = tol + OUT_REL[x.dtype] * bias.double().abs() + OUT_ABS[x.dtype]
     err = (y.double() - y64).abs()
     finite = torch.isfinite(y64)
     assert torch.equal(torch.isfinite(y), finite), what

@@ -16,7 +16,7 @@ from ..config import QuantScheme
 from ..reference.packing import packed_rows
 from ..reference.quant import num_groups
 
-__all__ = ["QuantLinear", "is_linear_like", "linear_weight"]
+__all__ = ["QuantLinear", "is_linear_like", "linear_weight", "pack_mma"]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -73,6 +73,12 @@ class QuantLinear(nn.Module):
             ``state_dict`` when set; a layer built without it takes one from a state dict
             that has it.
 
+    After :meth:`pack_mma_` (or :func:`pack_mma` on a model) the layer holds its weight in
+    the tensor-core layout of :func:`lowbit.ops.pack_mma` instead (``layout == "mma"``:
+    ``qweight`` int32 ``[K / 16, N * bits / 2]``, ``scales`` / ``zeros`` ``[G, N]`` with
+    permuted columns) and ``forward`` calls :func:`lowbit.ops.mma_matmul`. Its
+    ``state_dict`` is still written (and read) in the GPTQ layout above.
+
     ``forward`` takes ``x`` float32/float16/bfloat16 ``[..., K]`` and returns ``[..., N]`` in
     ``x.dtype`` through :func:`lowbit.ops.weight_only_matmul` (packed reads for decode,
     dequantize + BLAS/cuBLAS for large batches; fp32 accumulation); with ``perm`` set it
@@ -113,6 +119,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("perm", None)
+        self.layout = "gptq"
 
     # -- construction ------------------------------------------------------------------
 
@@ -225,14 +232,81 @@ class QuantLinear(nn.Module):
         # An act-order checkpoint loads into a layer built without perm: make room for it.
         if self.perm is None and prefix + "perm" in state_dict:
             self.perm = torch.empty(self.in_features, dtype=torch.int64, device=self.qweight.device)
+        # Checkpoints are in the GPTQ layout: load into it, then re-lay the weight again.
+        repack = self.layout == "mma"
+        if repack:
+            self._unpack_mma()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if repack:
+            self.pack_mma_()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "mma":
+            qweight, scales, zeros = self._gptq_tensors()
+            destination[prefix + "qweight"] = qweight
+            destination[prefix + "scales"] = scales
+            destination[prefix + "zeros"] = zeros
+
+    # -- the tensor-core layout ------------------------------------------------------------
+
+    def can_pack_mma(self) -> bool:
+        """Whether :meth:`pack_mma_` applies: 4- or 8-bit codes, ``in_features`` a multiple
+        of 16, ``out_features`` of 64, and groups of a multiple of 16 (or per-channel)."""
+        k, n = self.in_features, self.out_features
+        return (self.bits in (4, 8) and k % 16 == 0 and n % 64 == 0 and k > 0
+                and (self.group_size >= k or self.group_size % 16 == 0))
+
+    def pack_mma_(self, dtype: torch.dtype | None = None) -> bool:
+        """Re-lay the weight, in place and once, into the tensor-core layout of
+        :func:`lowbit.ops.pack_mma`, so ``forward`` runs :func:`lowbit.ops.mma_matmul`
+        (the fast path on CUDA GPUs from sm_80 on; on CPU it is correct but slower than the
+        GPTQ layout's kernel). Memory stays the same size.
+
+        Args:
+            dtype: store the scales in this dtype (the activations' dtype, e.g.
+                ``torch.bfloat16``), so no call converts them; ``None`` keeps
+                ``scales.dtype``. The kernel rounds scales to the activations' dtype anyway,
+                so for activations of that dtype results do not change.
+
+        Returns:
+            True if the layer now has the mma layout (also when it already had it), False
+            if its shape or bit width does not fit the layout (see :meth:`can_pack_mma`);
+            the layer is then left as it is.
+        """
+        if self.layout == "mma":
+            if dtype is not None and self.scales.dtype != dtype:
+                self.scales = self.scales.to(dtype)
+            return True
+        if not self.can_pack_mma():
+            return False
+        scales = self.scales if dtype is None else self.scales.to(dtype)
+        self.qweight, self.scales, self.zeros = ops.pack_mma(self.qweight, scales, self.zeros, self.bits,
+                                                             self.group_size)
+        self.layout = "mma"
+        return True
+
+    def _gptq_tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(qweight, scales, zeros)`` in the GPTQ layout, whatever the layer holds."""
+        if self.layout == "gptq":
+            return self.qweight, self.scales, self.zeros
+        from ..reference.mma import unpack_mma
+        return unpack_mma(self.qweight, self.scales, self.zeros, self.bits)
+
+    def _unpack_mma(self) -> None:
+        if self.layout == "mma":
+            self.qweight, self.scales, self.zeros = self._gptq_tensors()
+            self.layout = "gptq"
 
     # -- use ---------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
         if self.perm is not None:
             x = x.index_select(-1, self.perm)
+        if self.layout == "mma":
+            return ops.mma_matmul(x, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                  self.bias)
         return ops.weight_only_matmul(x, self.qweight, self.scales.t(), self.zeros.t(), self.bits,
                                       self.group_size, self.bias)
 
@@ -245,14 +319,16 @@ class QuantLinear(nn.Module):
     def codes(self) -> Tensor:
         """The integer codes, uint8 ``[N, K]``, in the input order (column ``k`` multiplies
         ``x[..., k]``, whether or not the layer has a ``perm``)."""
-        codes = ops.unpack_int32(self.qweight, self.bits, self.in_features).t().contiguous()
+        qweight = self._gptq_tensors()[0]
+        codes = ops.unpack_int32(qweight, self.bits, self.in_features).t().contiguous()
         return self._unpermute(codes)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight the layer computes with, ``dtype`` ``[N, K]``, in the input order
         (``forward(x) == x @ dequantize().T + bias`` up to float32 rounding)."""
-        codes = ops.unpack_int32(self.qweight, self.bits, self.in_features).t()
-        w = ops.dequantize(codes, self.scales.t(), self.zeros.t().to(torch.int32), self.group_size, dtype)
+        qweight, scales, zeros = self._gptq_tensors()
+        codes = ops.unpack_int32(qweight, self.bits, self.in_features).t()
+        w = ops.dequantize(codes, scales.t(), zeros.t().to(torch.int32), self.group_size, dtype)
         return self._unpermute(w)
 
     @property
@@ -277,7 +353,24 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, bits={self.bits}, {group}, "
                 f"symmetric={self.symmetric}, scale_dtype={self.scales.dtype}"
-                + (", act_order=True" if self.perm is not None else ""))
+                + (", act_order=True" if self.perm is not None else "")
+                + (", layout=mma" if self.layout == "mma" else ""))
+
+
+def pack_mma(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Re-lay every :class:`QuantLinear` of ``model`` that fits into the tensor-core layout
+    (:meth:`QuantLinear.pack_mma_`), in place; call it once after loading, with the model
+    on its GPU. Layers that do not fit (3-bit codes, widths not a multiple of 16 / 64) keep
+    the GPTQ layout and its kernels.
+
+    Args:
+        model: any module; its QuantLinear submodules are re-laid.
+        dtype: the activations' dtype, to store the scales in (see ``pack_mma_``).
+
+    Returns:
+        The number of layers now in the mma layout.
+    """
+    return sum(int(m.pack_mma_(dtype)) for m in model.modules() if isinstance(m, QuantLinear))
 
 
 from .w8a8 import FP8Linear, W8A8Linear, make_w8a8  # noqa: E402  (they use QuantScheme only)

@@ -1,0 +1,645 @@
+// Tensor-core weight-only matmul on the mma layout (csrc/core/mma.h): pack_mma re-lays a
+// GPTQ qweight once; mma_matmul computes y = x @ W^T + bias from it. Semantics:
+// python/lowbit/reference/mma.py.
+//
+// mma_matmul has two paths, picked by M (rows of x):
+// * the tensor-core kernel (M <= the crossover): W4A16/W8A16 on mma.sync m16n8k16 with
+//   float32 accumulation. Decode-sized M is bound by the weight stream, so the kernel is
+//   built around keeping DRAM busy: each CTA streams a 64-deep K slice of 256 columns per
+//   pipeline stage with cp.async (4 stages in flight), the weights are already in each
+//   lane's operand order (one 16-byte shared load per lane per k16 x n64), and split-K
+//   gives every SM work even when N alone has too few 256-column tiles.
+// * dequantize + cuBLAS (larger M, float32 x, pre-sm_80 GPUs): W [N, K] in x's dtype,
+//   then one GEMM; at these M the GEMM's compute dominates the extra pass over W.
+//
+// Numerics (both paths): W = (q - z) * s with s in x's dtype, rounded once to x's dtype
+// (q - z is exact in float16/bfloat16, so one hmul2 rounds exactly like the reference's
+// float32 product rounded to x's dtype), float32 accumulation, one rounding at the end.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <array>
+#include <atomic>
+#include <optional>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "core/check.h"
+#include "core/mma.h"
+#include "cuda/common.cuh"
+
+namespace lowbit::cuda {
+namespace {
+
+// -- pack_mma ---------------------------------------------------------------------------
+
+// One thread per output word: its 32 / BITS codes gathered from the GPTQ layout. Runs
+// once per layer at load time, so plain index arithmetic is enough.
+template <int BITS>
+__global__ void __launch_bounds__(kThreads)
+    pack_mma_kernel(const uint32_t* __restrict__ qw, int64_t n, uint32_t* __restrict__ out, int64_t rows,
+                    int64_t words) {
+  const int64_t total = rows * words;
+  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t kb = idx / words, w = idx - kb * words;
+    uint32_t v = 0;
+#pragma unroll
+    for (int i = 0; i < 32 / BITS; ++i) {
+      int64_t k, c;
+      mma_code_position(BITS, kb, w, i, k, c);
+      const int64_t bit = k * BITS;
+      const uint32_t code = (__ldg(qw + (bit >> 5) * n + c) >> (bit & 31)) & ((1u << BITS) - 1u);
+      v |= code << (i * BITS);
+    }
+    out[idx] = v;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_mma_cuda(const at::Tensor& qweight, const at::Tensor& scales,
+                                                             const at::Tensor& zeros, int64_t bits,
+                                                             int64_t group_size) {
+  const int64_t k = check_pack_mma(qweight, scales, zeros, bits, group_size);
+  check_cuda("pack_mma", "qweight", qweight);
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  const int64_t n = qweight.size(1), rows = k / 16, words = n * bits / 2;
+  const at::Tensor qw = qweight.contiguous();
+  at::Tensor packed = at::empty({rows, words}, qweight.options());
+  if (packed.numel() > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const unsigned int grid = grid_for(packed.numel(), kThreads);
+    const auto* src = reinterpret_cast<const uint32_t*>(qw.data_ptr<int32_t>());
+    auto* dst = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+    if (bits == 4) {
+      pack_mma_kernel<4><<<grid, kThreads, 0, stream>>>(src, n, dst, rows, words);
+    } else {
+      pack_mma_kernel<8><<<grid, kThreads, 0, stream>>>(src, n, dst, rows, words);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto [s, z] = mma_permute_params(scales, zeros);
+  return {packed, s, z};
+}
+
+// -- the tensor-core kernel ---------------------------------------------------------------
+
+constexpr int kMmaWarps = 4;                 // each owns 64 of the CTA's columns
+constexpr int kMmaThreads = 32 * kMmaWarps;
+constexpr int kBN = 64 * kMmaWarps;          // columns per CTA
+constexpr int kBK = 64;                      // K per pipeline stage: 4 k16 steps
+constexpr int kStages = 4;                   // cp.async stages in flight per CTA
+constexpr int kGroupRows = 4;                // scale rows a stage can touch (group_size >= 16)
+// Up to this many rows the tensor-core kernel beats dequantize + cuBLAS (measured on
+// H100/H200 with benchmarks/bench_mma.py; see benchmarks/results/).
+constexpr int64_t kDefaultMaxMmaRows = 128;
+
+template <int BITS, int MT>
+struct Smem {
+  static constexpr int kB = (kBK / 16) * kMmaWarps * 32 * BITS * 4;   // packed weights
+  static constexpr int kA = MT * 16 * kBK * 2;                       // x tile
+  static constexpr int kS = kGroupRows * kBN * 2;                    // scales
+  static constexpr int kZ = kGroupRows * kBN;                        // zeros
+  static constexpr int kStage = kB + kA + kS + kZ;
+  static constexpr int kTotal = kStage * kStages;
+};
+
+struct MmaParams {
+  const void* x;          // [M, K] contiguous, 16-byte aligned, T
+  const uint32_t* w;      // packed [K / 16, N * BITS / 2]
+  const void* scales;     // [G, N] permuted, T
+  const uint8_t* zeros;   // [G, N] permuted
+  const float* bias;      // [N] float32 or nullptr
+  void* out;              // [M, N] T (one K slice)
+  float* partial;         // [splits, M, N] float32 (several K slices)
+  int m, n, k, gs, splits;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (each weight byte is used once per CTA);
+// src_bytes = 0 writes zeros (rows of x past M, columns past K) without reading.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+#endif
+}
+
+// Per-dtype pieces: the mma instruction, and the exponent ("magic number") whose low
+// mantissa bits a 4-bit code is ORed into, making the code a float16/bfloat16 value
+// without a conversion instruction: 1024 + q in float16 (10 mantissa bits), 128 + q in
+// bfloat16 (7 mantissa bits).
+template <typename T>
+struct Dtype;
+
+template <>
+struct Dtype<__half> {
+  using T2 = __half2;
+  static constexpr uint32_t kMagic4 = 0x64006400u;   // {1024, 1024}
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  // What a code pair minus magic minus the zero point needs subtracted: 1024 + z, exact
+  // for z <= 1023, so the difference q - z is exact and the scale product rounds once.
+  __device__ static T2 zero_term(int z) { return __float2half2_rn(1024.f + static_cast<float>(z)); }
+  __device__ static T2 dq4(uint32_t v, T2 zt, T2 s) {
+    const uint32_t h = (v & 0x000F000Fu) | kMagic4;
+    return __hmul2(__hsub2(*reinterpret_cast<const T2*>(&h), zt), s);
+  }
+  // Bytes sel of an 8-bit code word: 0x64 above each byte is 1024 + q.
+  template <uint32_t SEL>
+  __device__ static T2 dq8(uint32_t q, T2 zt, float, T2 s) {
+    const uint32_t h = __byte_perm(q, 0x64646464u, SEL);
+    return __hmul2(__hsub2(*reinterpret_cast<const T2*>(&h), zt), s);
+  }
+  __device__ static T2 pair(__half v) { return __halves2half2(v, v); }
+  __device__ static T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+template <>
+struct Dtype<__nv_bfloat16> {
+  using T2 = __nv_bfloat162;
+  static constexpr uint32_t kMagic4 = 0x43004300u;   // {128, 128}
+  __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+  // bfloat16 holds integers exactly only up to 256, so 128 + z is not always exact: the
+  // magic and the zero point come off in two exact subtractions instead.
+  __device__ static T2 zero_term(int z) { return __float2bfloat162_rn(static_cast<float>(z)); }
+  __device__ static T2 dq4(uint32_t v, T2 zt, T2 s) {
+    const uint32_t h = (v & 0x000F000Fu) | kMagic4;
+    const T2 q = __hsub2(*reinterpret_cast<const T2*>(&h), __float2bfloat162_rn(128.f));
+    return __hmul2(__hsub2(q, zt), s);
+  }
+  // An 8-bit code does not fit bfloat16's 7 mantissa bits: go through float32, where
+  // q - z is exact, and then to bfloat16, exact again (|q - z| <= 255).
+  template <uint32_t SEL>
+  __device__ static T2 dq8(uint32_t q, T2, float zf, T2 s) {
+    constexpr int lo = (SEL & 0xF) * 8, hi = ((SEL >> 8) & 0xF) * 8;
+    const float a = static_cast<float>((q >> lo) & 0xFFu) - zf;
+    const float b = static_cast<float>((q >> hi) & 0xFFu) - zf;
+    return __hmul2(__floats2bfloat162_rn(a, b), s);
+  }
+  __device__ static T2 pair(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
+  __device__ static T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Grid (ceil(N / 256), splits, ceil(M / (16 MT))). CTA (nt, s, mb) computes rows
+// 16 MT mb .. + 16 MT of columns 256 nt .. + 256 over its slice of K's 64-deep tiles;
+// warp w owns columns 256 nt + 64 w .. + 64 (eight n8 tiles), all MT m16 tiles.
+template <typename T, int BITS, int MT>
+__global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using D = Dtype<T>;
+  using T2 = typename D::T2;
+  using S = Smem<BITS, MT>;
+  extern __shared__ uint4 smem[];
+  char* const base = reinterpret_cast<char*>(smem);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nt = blockIdx.x, slice = blockIdx.y, m0 = blockIdx.z * 16 * MT;
+  const int units = p.n / 64, unit0 = nt * kMmaWarps;
+  const int kb_rows = p.k / 16, k_tiles = (p.k + kBK - 1) / kBK;
+  const int kt_begin = static_cast<int>(int64_t{k_tiles} * slice / p.splits);
+  const int kt_end = static_cast<int>(int64_t{k_tiles} * (slice + 1) / p.splits);
+  const int n_kt = kt_end - kt_begin;
+  const int64_t words_row = int64_t{p.n} * BITS / 2;
+  const int valid_units = min(kMmaWarps, units - unit0);
+  const bool active = warp < valid_units;
+
+  const T* const x = static_cast<const T*>(p.x);
+  const T* const scales = static_cast<const T*>(p.scales);
+
+  // Issue the copies of one stage: 4 k16 rows of packed weights (the CTA's 4 units are
+  // one contiguous run per row), the x tile (zero past M and K), and the scale / zero
+  // rows of the groups the stage's K range touches.
+  auto load_stage = [&](int st, int kt) {
+    char* sb = base + st * S::kStage;
+    char* sa = sb + S::kB;
+    char* ss = sa + S::kA;
+    char* sz = ss + S::kS;
+    constexpr int chunks_per_unit = 8 * BITS;   // 16-byte chunks of one k16 x n64 unit
+    constexpr int chunks_row = kMmaWarps * chunks_per_unit;
+    const int valid_chunks = valid_units * chunks_per_unit;
+#pragma unroll
+    for (int i = 0; i < (kBK / 16) * chunks_row / kMmaThreads; ++i) {
+      const int c = i * kMmaThreads + tid;
+      const int r = c / chunks_row, j = c - r * chunks_row;
+      const int kb = kt * (kBK / 16) + r;
+      if (kb < kb_rows && j < valid_chunks) {
+        const uint32_t* src = p.w + kb * words_row + int64_t{unit0} * 32 * BITS + j * 4;
+        cp_async16(sb + (r * chunks_row + j) * 16, src, 16);
+      }
+    }
+    // x: 16 MT rows x 8 chunks; chunk c of row r stored at c ^ (r & 7), so the 8 rows an
+    // ldmatrix phase reads land in 8 different bank groups.
+#pragma unroll
+    for (int i = 0; i < (MT * 16 * 8 + kMmaThreads - 1) / kMmaThreads; ++i) {
+      const int c = i * kMmaThreads + tid;
+      if (c < MT * 16 * 8) {
+        const int r = c >> 3, ch = c & 7;
+        const int row = m0 + r, col = kt * kBK + ch * 8;
+        const bool ok = row < p.m && col < p.k;
+        const T* src = ok ? x + int64_t{row} * p.k + col : x;
+        cp_async16(sa + (r * 8 + (ch ^ (r & 7))) * 16, src, ok ? 16 : 0);
+      }
+    }
+    const int k0 = kt * kBK, k1 = min(k0 + kBK, p.k) - 1;
+    const int g0 = k0 / p.gs, rows = k1 / p.gs - g0 + 1;
+    const int col0 = nt * kBN;
+    const int64_t n = p.n;
+    for (int c = tid; c < rows * 48; c += kMmaThreads) {
+      const int r = c / 48, j = c - r * 48;
+      if (j < 32) {   // scales: 32 chunks of 8
+        if (col0 + j * 8 < p.n) cp_async16(ss + (r * kBN + j * 8) * 2, scales + (g0 + r) * n + col0 + j * 8, 16);
+      } else {        // zeros: 16 chunks of 16
+        const int jz = j - 32;
+        if (col0 + jz * 16 < p.n) cp_async16(sz + r * kBN + jz * 16, p.zeros + (g0 + r) * n + col0 + jz * 16, 16);
+      }
+    }
+  };
+
+  float acc[MT][8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][c][e] = 0.f;
+
+  // The lane's 8 columns' scale / zero terms for the current group (re-read only when a
+  // k16 step enters a new group).
+  int cur_g = -1;
+  T2 sc[8], zt[8];
+  float zf[8];
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n_kt) load_stage(s, kt_begin + s);
+    cp_async_commit();
+  }
+
+  for (int i = 0; i < n_kt; ++i) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int nxt = i + kStages - 1;
+    if (nxt < n_kt) load_stage(nxt % kStages, kt_begin + nxt);
+    cp_async_commit();
+
+    const int kt = kt_begin + i;
+    const char* sb = base + (i % kStages) * S::kStage;
+    const char* sa = sb + S::kB;
+    const T* ss = reinterpret_cast<const T*>(sa + S::kA);
+    const uint8_t* sz = reinterpret_cast<const uint8_t*>(ss) + S::kS;
+    const int g0 = kt * kBK / p.gs;
+    if (active) {
+#pragma unroll
+      for (int ks = 0; ks < kBK / 16; ++ks) {
+        const int kglob = kt * kBK + ks * 16;
+        if (kglob < p.k) {
+          const int g = kglob / p.gs;
+          if (g != cur_g) {
+            cur_g = g;
+            const int off = (g - g0) * kBN + warp * 64 + (lane >> 2) * 8;
+            const uint4 sv = *reinterpret_cast<const uint4*>(ss + off);
+            const uint2 zv = *reinterpret_cast<const uint2*>(sz + off);
+            const T* s8 = reinterpret_cast<const T*>(&sv);
+            const uint8_t* z8 = reinterpret_cast<const uint8_t*>(&zv);
+#pragma unroll
+            for (int c = 0; c < 8; ++c) {
+              sc[c] = D::pair(s8[c]);
+              zt[c] = D::zero_term(z8[c]);
+              zf[c] = static_cast<float>(z8[c]);
+            }
+          }
+          uint32_t a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const int r = mt * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
+            ldmatrix_x4(a[mt], sa + (r * 8 + (ch ^ (r & 7))) * 16);
+          }
+          const uint32_t* wl = reinterpret_cast<const uint32_t*>(sb) + (ks * kMmaWarps + warp) * 32 * BITS + lane * BITS;
+          uint32_t q[BITS];
+#pragma unroll
+          for (int v = 0; v < BITS / 4; ++v) *reinterpret_cast<uint4*>(q + 4 * v) = *reinterpret_cast<const uint4*>(wl + 4 * v);
+#pragma unroll
+          for (int c = 0; c < 8; ++c) {
+            uint32_t b0, b1;
+            if constexpr (BITS == 4) {
+              const uint32_t word = q[c >> 1] >> ((c & 1) * 8);
+              b0 = as_u32(D::dq4(word, zt[c], sc[c]));
+              b1 = as_u32(D::dq4(word >> 4, zt[c], sc[c]));
+            } else {
+              b0 = as_u32(D::template dq8<0x4140u>(q[c], zt[c], zf[c], sc[c]));
+              b1 = as_u32(D::template dq8<0x4342u>(q[c], zt[c], zf[c], sc[c]));
+            }
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) D::mma(acc[mt][c], a[mt], b0, b1);
+          }
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  if (!active) return;
+  // Accumulator (mt, c) holds rows m0 + 16 mt + g (+ 8) and columns 2t, 2t + 1 of n8
+  // tile c: adjacent columns, written as one pair.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const int col = (unit0 + warp) * 64 + c * 8 + 2 * t;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = m0 + mt * 16 + g + 8 * h;
+        if (row >= p.m) continue;
+        float v0 = acc[mt][c][2 * h], v1 = acc[mt][c][2 * h + 1];
+        if (p.splits == 1) {
+          if (p.bias != nullptr) {
+            v0 += p.bias[col];
+            v1 += p.bias[col + 1];
+          }
+          *reinterpret_cast<T2*>(static_cast<T*>(p.out) + int64_t{row} * p.n + col) = D::from_floats(v0, v1);
+        } else {
+          *reinterpret_cast<float2*>(p.partial + (int64_t{slice} * p.m + row) * p.n + col) = make_float2(v0, v1);
+        }
+      }
+    }
+  }
+#else
+  __trap();   // built for sm_80+ only; the host never launches it on older devices
+#endif
+}
+
+// Sum of the K slices in a fixed order (deterministic), plus bias, rounded once.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    reduce_slices_kernel(const float* __restrict__ partial, int splits, int64_t mn, int64_t n,
+                         const float* __restrict__ bias, T* __restrict__ out) {
+  using D = Dtype<T>;
+  for (int64_t i = (int64_t{blockIdx.x} * blockDim.x + threadIdx.x) * 2; i < mn;
+       i += int64_t{gridDim.x} * blockDim.x * 2) {
+    float2 v = *reinterpret_cast<const float2*>(partial + i);
+    for (int s = 1; s < splits; ++s) {
+      const float2 w = *reinterpret_cast<const float2*>(partial + s * mn + i);
+      v.x += w.x;
+      v.y += w.y;
+    }
+    if (bias != nullptr) {
+      const int64_t c = i % n;
+      v.x += bias[c];
+      v.y += bias[c + 1];
+    }
+    *reinterpret_cast<typename D::T2*>(out + i) = D::from_floats(v.x, v.y);
+  }
+}
+
+template <typename T, int BITS, int MT>
+void launch_mma(const MmaParams& base_params, int sms, cudaStream_t stream, const at::Tensor& like) {
+  using S = Smem<BITS, MT>;
+  MmaParams p = base_params;
+  const int n_tiles = (p.n + kBN - 1) / kBN;
+  const int m_blocks = (p.m + 16 * MT - 1) / (16 * MT);
+  const int k_tiles = (p.k + kBK - 1) / kBK;
+  // Split K until the grid covers every SM about twice (two resident CTAs per SM keep
+  // 2 x 3 stages of weights in flight), keeping at least 4 tiles per slice so the
+  // pipeline fills and the partial sums stay small next to the weights.
+  const int ctas = n_tiles * m_blocks;
+  int splits = std::max(1, (2 * sms + ctas - 1) / ctas);
+  splits = std::min(splits, std::max(1, k_tiles / 4));
+  p.splits = splits;
+  at::Tensor partial;
+  if (splits > 1) {
+    partial = at::empty({splits, p.m, p.n}, like.options().dtype(at::kFloat));
+    p.partial = partial.data_ptr<float>();
+  }
+  auto kernel = mma_kernel<T, BITS, MT>;
+  // Above 48 KiB of dynamic shared memory needs an opt-in, once per device.
+  static std::atomic<uint64_t> opted_in{0};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const uint64_t bit = uint64_t{1} << (dev & 63);
+  if ((opted_in.load(std::memory_order_relaxed) & bit) == 0) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kTotal));
+    opted_in.fetch_or(bit, std::memory_order_relaxed);
+  }
+  const dim3 grid(n_tiles, splits, m_blocks);
+  kernel<<<grid, kMmaThreads, S::kTotal, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t mn = int64_t{p.m} * p.n;
+    reduce_slices_kernel<T><<<grid_for(mn / 2, kThreads), kThreads, 0, stream>>>(
+        p.partial, splits, mn, p.n, p.bias, static_cast<T*>(p.out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, int BITS>
+void dispatch_mt(const MmaParams& p, int sms, cudaStream_t stream, const at::Tensor& like) {
+  if (p.m <= 16) {
+    launch_mma<T, BITS, 1>(p, sms, stream, like);
+  } else if (p.m <= 32) {
+    launch_mma<T, BITS, 2>(p, sms, stream, like);
+  } else {
+    launch_mma<T, BITS, 4>(p, sms, stream, like);
+  }
+}
+
+// -- dequantize (for the GEMM path) ----------------------------------------------------------
+
+// W [N, K] in x's dtype (or float32) from one packed word per thread; the codes at k and
+// k + 1 of a column sit in code slots i and i + 4 (4-bit) or i and i + 1 (8-bit), so
+// they are written as one pair.
+template <typename OutT, int BITS>
+__global__ void __launch_bounds__(kThreads)
+    dequant_mma_kernel(const uint32_t* __restrict__ w, const OutT* __restrict__ scales,
+                       const uint8_t* __restrict__ zeros, int64_t n, int64_t k, int64_t gs,
+                       OutT* __restrict__ out) {
+  const int64_t words = n * BITS / 2, total = (k / 16) * words;
+  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < total;
+       idx += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t kb = idx / words, wi = idx - kb * words;
+    const uint32_t v = __ldg(w + idx);
+#pragma unroll
+    for (int i = 0; i < 32 / BITS; ++i) {
+      const int step = BITS == 4 ? 4 : 1;
+      if (BITS == 4 ? i >= 4 : (i & 1)) continue;   // slot i + step is the pair's second
+      int64_t kk, c;
+      mma_code_position(BITS, kb, wi, i, kk, c);
+      const int64_t gi = (kk / gs) * n + mma_param_position(c);
+      const float s = to_f32(scales[gi]);
+      const float z = static_cast<float>(zeros[gi]);
+      const float q0 = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1u));
+      const float q1 = static_cast<float>((v >> ((i + step) * BITS)) & ((1u << BITS) - 1u));
+      OutT* dst = out + c * k + kk;
+      dst[0] = from_f32<OutT>(__fmul_rn(q0 - z, s));
+      dst[1] = from_f32<OutT>(__fmul_rn(q1 - z, s));
+    }
+  }
+}
+
+// -- the op ----------------------------------------------------------------------------------
+
+// Compute capability major and SM count, read once per device.
+std::pair<int, int> device_info(int dev) {
+  static std::array<std::atomic<int>, 64> cache{};   // (major << 16 | sms) + 1, 0 = unread
+  const int slot = dev & 63;
+  int v = cache[slot].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    v = ((major << 16) | sms) + 1;
+    cache[slot].store(v, std::memory_order_relaxed);
+  }
+  return {(v - 1) >> 16, (v - 1) & 0xFFFF};
+}
+
+at::Tensor mma_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                           const at::Tensor& zeros, int64_t bits, int64_t group_size,
+                           const std::optional<at::Tensor>& bias, int64_t max_mma_rows) {
+  constexpr const char* op = "mma_matmul";
+  const MmaSizes sz = check_mma_matmul(x, packed, scales, zeros, bits, group_size, bias);
+  check_cuda(op, "x", x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(sz.n);
+  if (sz.m == 0 || sz.n == 0) return at::empty(out_shape, x.options());
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  if (sz.k == 0) {
+    at::Tensor y = at::zeros({sz.m, sz.n}, x.options().dtype(at::kFloat));
+    if (bias_f.defined()) y.add_(bias_f);
+    return y.to(x.scalar_type()).reshape(out_shape);
+  }
+  LOWBIT_CHECK(sz.m <= INT32_MAX && sz.n <= INT32_MAX && sz.k <= INT32_MAX, op,
+               "sizes beyond 2**31 are not supported, got M=", sz.m, ", N=", sz.n, ", K=", sz.k);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::ScalarType dt = x.scalar_type();
+  const int64_t gs = std::min(group_size, sz.k);   // >= K: one group; keeps k / gs in int
+
+  const auto [major, sms] = device_info(x.get_device());
+  const int64_t limit = max_mma_rows < 0 ? kDefaultMaxMmaRows : max_mma_rows;
+  const bool tc = (dt == at::kHalf || dt == at::kBFloat16) && major >= 8 && sz.m <= limit;
+
+  at::Tensor pk = packed.contiguous();
+  at::Tensor zs = zeros.contiguous();
+  // Scales in x's dtype: the rounding the reference applies (exact for float32 x).
+  at::Tensor sc = scales.to(dt).contiguous();
+  if (tc) {
+    // cp.async moves 16-byte chunks: every base address must be 16-byte aligned (the
+    // row strides are, given K % 16 == 0 and N % 64 == 0).
+    at::Tensor x2 = x.reshape({sz.m, sz.k});
+    if (!x2.is_contiguous() || !is_aligned(x2.data_ptr(), 16)) x2 = x2.clone(at::MemoryFormat::Contiguous);
+    if (!is_aligned(pk.data_ptr(), 16)) pk = pk.clone();
+    if (!is_aligned(sc.data_ptr(), 16)) sc = sc.clone();
+    if (!is_aligned(zs.data_ptr(), 16)) zs = zs.clone();
+    at::Tensor y = at::empty({sz.m, sz.n}, x.options());
+    MmaParams p{};
+    p.x = x2.data_ptr();
+    p.w = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>());
+    p.scales = sc.data_ptr();
+    p.zeros = zs.data_ptr<uint8_t>();
+    p.bias = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+    p.out = y.data_ptr();
+    p.partial = nullptr;
+    p.m = static_cast<int>(sz.m);
+    p.n = static_cast<int>(sz.n);
+    p.k = static_cast<int>(sz.k);
+    p.gs = static_cast<int>(gs);
+    p.splits = 1;
+    if (dt == at::kHalf) {
+      if (bits == 4) dispatch_mt<__half, 4>(p, sms, stream, x); else dispatch_mt<__half, 8>(p, sms, stream, x);
+    } else {
+      if (bits == 4) dispatch_mt<__nv_bfloat16, 4>(p, sms, stream, x);
+      else dispatch_mt<__nv_bfloat16, 8>(p, sms, stream, x);
+    }
+    return y.reshape(out_shape);
+  }
+
+  // Dequantize W [N, K] once into x's dtype, then one cuBLAS GEMM (float32 accumulation;
+  // a bias rides in cuBLASLt's epilogue, rounded to x's dtype first).
+  at::Tensor w = at::empty({sz.n, sz.k}, x.options());
+  const unsigned int grid = grid_for((sz.k / 16) * sz.n * bits / 2, kThreads);
+  const auto* wp = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>());
+  const uint8_t* zp = zs.data_ptr<uint8_t>();
+  auto launch = [&](auto* out_ptr) {
+    using OutT = std::remove_pointer_t<decltype(out_ptr)>;
+    const auto* sp = reinterpret_cast<const OutT*>(sc.data_ptr());
+    if (bits == 4) {
+      dequant_mma_kernel<OutT, 4><<<grid, kThreads, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
+    } else {
+      dequant_mma_kernel<OutT, 8><<<grid, kThreads, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dt == at::kFloat) {
+    launch(w.data_ptr<float>());
+  } else if (dt == at::kHalf) {
+    launch(reinterpret_cast<c10::Half*>(w.data_ptr()));
+  } else {
+    launch(reinterpret_cast<c10::BFloat16*>(w.data_ptr()));
+  }
+  const at::Tensor x2 = x.reshape({sz.m, sz.k});
+  at::Tensor y = bias_f.defined() ? at::addmm(bias_f.to(dt), x2, w.t()) : at::mm(x2, w.t());
+  return y.reshape(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowbit, CUDA, m) {
+  m.impl("pack_mma", &pack_mma_cuda);
+  m.impl("mma_matmul", &mma_matmul_cuda);
+}
+
+}  // namespace lowbit::cuda
