@@ -7,7 +7,8 @@
 #   KEXPR   -k expression for tests/ops + tests/api (default: the CUDA cases that do not
 #           expect an exception, while the crash below is open)
 #   BENCHES benchmark commands, ';'-separated (default: bench_awq on a random SmolLM2)
-#   STEPS   which stages run, in this order (default: "probes smoke sanitizer tests pipeline benches")
+#   STEPS   which stages run, in this order (default: "probes smoke sanitizer tests pipeline benches";
+#           also "sweep" (SWEEP: "ctas_per_sm minb" pairs) and "ncu")
 #   TESTS   pytest paths of the "tests" stage (default: tests/ops tests/api)
 # .whl/ (git-ignored) may hold wheels missing there (expecttest, the GPTQ peer's):
 #   benchmarks/peers/install_peer.sh --wheels .whl
@@ -65,6 +66,23 @@ if has sanitizer; then
     | tee "$OUT/sanitizer.log" | tail -15
   echo "compute-sanitizer memcheck rc=${PIPESTATUS[0]}" | tee -a "$OUT/sanitizer.log"
   stamp sanitizer
+fi
+# Launch-knob sweep of the tensor-core kernel (one process per setting) and an ncu look
+# at its decode launch.
+if has sweep; then
+  for knobs in ${SWEEP:-"2 2" "3 2" "4 2" "3 3" "4 3" "6 3"}; do
+    set -- $knobs
+    LOWBIT_MMA_CTAS_PER_SM=$1 LOWBIT_MMA_MINB=$2 timeout 60 python3 benchmarks/sweep_mma.py \
+      --out "$OUT/sweep_mma.jsonl" 2>&1 | tee -a "$OUT/sweep.log" | grep -v "^$"
+  done
+  stamp sweep
+fi
+if has ncu; then
+  NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  timeout 120 "$NCU" --kernel-name regex:mma_kernel --launch-count 2 --section SpeedOfLight \
+    --section WarpStateStats --section Occupancy --section LaunchStats python3 scripts/ncu_mma.py 2>&1 \
+    | tee "$OUT/ncu.log" | grep -E "Duration|Throughput|Occupancy|Registers|Stall|Warp Cycles|Block Limit|Grid Size|Eligible|Issued" | head -60
+  stamp ncu
 fi
 if has tests; then
   PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout 170 python3 -m pytest -q -p no:cacheprovider -p xdist.plugin -n 12 \

@@ -70,7 +70,9 @@ def main() -> int:
             y = ops.mma_matmul(x, packed, ps, pz, bits, gs_eff, bias_d, rows).double().cpu()
             err = (y - ref).abs()
             rel_mean = (err.mean() / ref.abs().mean()).item()
-            ok = bool(torch.isfinite(y).all()) and rel_mean < 1e-3
+            # The output's own rounding, against the unrounded float64 value: about 2e-4
+            # for float16 and 1.4e-3 for bfloat16 (2**-12 and 2**-9 mean relative).
+            ok = bool(torch.isfinite(y).all()) and rel_mean < (1e-3 if dt == torch.float16 else 3e-3)
             bad += not ok
             print(f"M={m:4d} K={k:5d} N={n:5d} W{bits} gs={gs:4d} {'sym ' if sym else 'asym'} {str(dt)[6:]:8s} "
                   f"bias={int(has_bias)} path={rows:11d}: rel mean err {rel_mean:.2e} max {err.max().item():.3e} "

@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
 #include <atomic>
 #include <optional>
 #include <type_traits>
@@ -93,9 +94,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pack_mma_cuda(const at::Tensor& q
 
 // -- the tensor-core kernel ---------------------------------------------------------------
 
-constexpr int kMmaWarps = 4;                 // each owns 64 of the CTA's columns
-constexpr int kMmaThreads = 32 * kMmaWarps;
-constexpr int kBN = 64 * kMmaWarps;          // columns per CTA
+constexpr int kWarpsN = 4;                   // each owns 64 of the CTA's columns
+constexpr int kWarpsK = 2;                   // ... and half of each stage's k16 steps
+constexpr int kMmaThreads = 32 * kWarpsN * kWarpsK;
+constexpr int kBN = 64 * kWarpsN;            // columns per CTA
 constexpr int kBK = 64;                      // K per pipeline stage: 4 k16 steps
 constexpr int kStages = 4;                   // cp.async stages in flight per CTA
 constexpr int kGroupRows = 4;                // scale rows a stage can touch (group_size >= 16)
@@ -105,12 +107,15 @@ constexpr int64_t kDefaultMaxMmaRows = 128;
 
 template <int BITS, int MT>
 struct Smem {
-  static constexpr int kB = (kBK / 16) * kMmaWarps * 32 * BITS * 4;   // packed weights
+  static constexpr int kB = (kBK / 16) * kWarpsN * 32 * BITS * 4;    // packed weights
   static constexpr int kA = MT * 16 * kBK * 2;                       // x tile
   static constexpr int kS = kGroupRows * kBN * 2;                    // scales
   static constexpr int kZ = kGroupRows * kBN;                        // zeros
   static constexpr int kStage = kB + kA + kS + kZ;
-  static constexpr int kTotal = kStage * kStages;
+  static constexpr int kPipe = kStage * kStages;
+  // The two K halves' accumulators meet in shared memory after the main loop.
+  static constexpr int kReduce = kWarpsN * MT * 32 * 32 * 4;
+  static constexpr int kTotal = (kPipe > kReduce ? kPipe : kReduce) + 16 * kStages;
 };
 
 struct MmaParams {
@@ -157,17 +162,27 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
 #endif
 }
 
-// Per-dtype pieces: the mma instruction, and the exponent ("magic number") whose low
-// mantissa bits a 4-bit code is ORed into, making the code a float16/bfloat16 value
-// without a conversion instruction: 1024 + q in float16 (10 mantissa bits), 128 + q in
-// bfloat16 (7 mantissa bits).
+template <typename T2>
+__device__ __forceinline__ uint32_t as_u32(T2 v) {
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T2>
+__device__ __forceinline__ T2 as_t2(uint32_t v) {
+  return *reinterpret_cast<const T2*>(&v);
+}
+
+// Per-dtype pieces: the mma instruction and the dequantization of one 4- or 8-bit code
+// word into B-operand register pairs. A code ORed into the low mantissa bits under a
+// fixed exponent ("magic number") becomes a float16/bfloat16 value with one LOP3 and no
+// conversion instruction; at the H100/H200's bandwidth the dequantization, not DRAM, is
+// what a decode-sized matmul runs out of, so every instruction per code counts.
 template <typename T>
 struct Dtype;
 
 template <>
 struct Dtype<__half> {
   using T2 = __half2;
-  static constexpr uint32_t kMagic4 = 0x64006400u;   // {1024, 1024}
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
@@ -177,18 +192,31 @@ struct Dtype<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
   }
-  // What a code pair minus magic minus the zero point needs subtracted: 1024 + z, exact
-  // for z <= 1023, so the difference q - z is exact and the scale product rounds once.
-  __device__ static T2 zero_term(int z) { return __float2half2_rn(1024.f + static_cast<float>(z)); }
-  __device__ static T2 dq4(uint32_t v, T2 zt, T2 s) {
-    const uint32_t h = (v & 0x000F000Fu) | kMagic4;
-    return __hmul2(__hsub2(*reinterpret_cast<const T2*>(&h), zt), s);
+  // Terms of a group's zero point: lo = 1024 + z subtracted from 1024 + q; hi = -(64 + z)
+  // added to (1024 + 16 q) / 16. Both exact in float16 for z <= 255, so q - z is exact
+  // and the scale product rounds once, as the reference's float32 product does.
+  __device__ static T2 lo_term(int z) { return __float2half2_rn(1024.f + static_cast<float>(z)); }
+  __device__ static T2 hi_term(int z) { return __float2half2_rn(-64.f - static_cast<float>(z)); }
+  // A 4-bit word feeds two n8 tiles: nibbles (0, 4) and (1, 5) are tile 0's b0 and b1,
+  // (2, 6) and (3, 7) tile 1's. Nibbles 1 and 5 are masked in place (1024 + 16 q) and
+  // scaled by 1/16 in the FMA that also subtracts the zero point: one shift per word.
+  __device__ static void dq4(uint32_t q, const T2 (&lo)[2], const T2 (&hi)[2], const T2 (&s)[2],
+                             uint32_t (&b)[4]) {
+    const T2 sixteenth = __float2half2_rn(0.0625f);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const uint32_t w = j == 0 ? q : q >> 8;
+      const uint32_t l = (w & 0x000F000Fu) | 0x64006400u;
+      const uint32_t h = (w & 0x00F000F0u) | 0x64006400u;
+      b[2 * j] = as_u32(__hmul2(__hsub2(as_t2<T2>(l), lo[j]), s[j]));
+      b[2 * j + 1] = as_u32(__hmul2(__hfma2(as_t2<T2>(h), sixteenth, hi[j]), s[j]));
+    }
   }
-  // Bytes sel of an 8-bit code word: 0x64 above each byte is 1024 + q.
-  template <uint32_t SEL>
-  __device__ static T2 dq8(uint32_t q, T2 zt, float, T2 s) {
-    const uint32_t h = __byte_perm(q, 0x64646464u, SEL);
-    return __hmul2(__hsub2(*reinterpret_cast<const T2*>(&h), zt), s);
+  // An 8-bit word is one n8 tile: bytes (0, 1) are b0, (2, 3) b1; 0x64 above a byte is
+  // 1024 + q.
+  __device__ static void dq8(uint32_t q, T2 lo, float, T2 s, uint32_t& b0, uint32_t& b1) {
+    b0 = as_u32(__hmul2(__hsub2(as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4140u)), lo), s));
+    b1 = as_u32(__hmul2(__hsub2(as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4342u)), lo), s));
   }
   __device__ static T2 pair(__half v) { return __halves2half2(v, v); }
   __device__ static T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
@@ -197,7 +225,6 @@ struct Dtype<__half> {
 template <>
 struct Dtype<__nv_bfloat16> {
   using T2 = __nv_bfloat162;
-  static constexpr uint32_t kMagic4 = 0x43004300u;   // {128, 128}
   __device__ static void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
@@ -207,57 +234,69 @@ struct Dtype<__nv_bfloat16> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
   }
-  // bfloat16 holds integers exactly only up to 256, so 128 + z is not always exact: the
-  // magic and the zero point come off in two exact subtractions instead.
-  __device__ static T2 zero_term(int z) { return __float2bfloat162_rn(static_cast<float>(z)); }
-  __device__ static T2 dq4(uint32_t v, T2 zt, T2 s) {
-    const uint32_t h = (v & 0x000F000Fu) | kMagic4;
-    const T2 q = __hsub2(*reinterpret_cast<const T2*>(&h), __float2bfloat162_rn(128.f));
-    return __hmul2(__hsub2(q, zt), s);
+  // bfloat16's 7 mantissa bits hold a nibble only at the bottom (128 + q), and hold
+  // integers exactly only up to 256: the magic and the zero point come off in two exact
+  // subtractions (lo = z), and every nibble is shifted down.
+  __device__ static T2 lo_term(int z) { return __float2bfloat162_rn(static_cast<float>(z)); }
+  __device__ static T2 hi_term(int) { return __float2bfloat162_rn(128.f); }
+  __device__ static void dq4(uint32_t q, const T2 (&lo)[2], const T2 (&hi)[2], const T2 (&s)[2],
+                             uint32_t (&b)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t v = ((q >> (4 * i)) & 0x000F000Fu) | 0x43004300u;
+      b[i] = as_u32(__hmul2(__hsub2(__hsub2(as_t2<T2>(v), hi[i >> 1]), lo[i >> 1]), s[i >> 1]));
+    }
   }
-  // An 8-bit code does not fit bfloat16's 7 mantissa bits: go through float32, where
-  // q - z is exact, and then to bfloat16, exact again (|q - z| <= 255).
-  template <uint32_t SEL>
-  __device__ static T2 dq8(uint32_t q, T2, float zf, T2 s) {
-    constexpr int lo = (SEL & 0xF) * 8, hi = ((SEL >> 8) & 0xF) * 8;
-    const float a = static_cast<float>((q >> lo) & 0xFFu) - zf;
-    const float b = static_cast<float>((q >> hi) & 0xFFu) - zf;
-    return __hmul2(__floats2bfloat162_rn(a, b), s);
+  // An 8-bit code does not fit bfloat16's mantissa: through float32, where q - z is exact,
+  // then to bfloat16, exact again (|q - z| <= 255).
+  __device__ static void dq8(uint32_t q, T2, float zf, T2 s, uint32_t& b0, uint32_t& b1) {
+    const float v0 = static_cast<float>(q & 0xFFu) - zf, v1 = static_cast<float>((q >> 8) & 0xFFu) - zf;
+    const float v2 = static_cast<float>((q >> 16) & 0xFFu) - zf, v3 = static_cast<float>(q >> 24) - zf;
+    b0 = as_u32(__hmul2(__floats2bfloat162_rn(v0, v1), s));
+    b1 = as_u32(__hmul2(__floats2bfloat162_rn(v2, v3), s));
   }
   __device__ static T2 pair(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
   __device__ static T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 
-template <typename T2>
-__device__ __forceinline__ uint32_t as_u32(T2 v) {
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
 // Grid (ceil(N / 256), splits, ceil(M / (16 MT))). CTA (nt, s, mb) computes rows
-// 16 MT mb .. + 16 MT of columns 256 nt .. + 256 over its slice of K's 64-deep tiles;
-// warp w owns columns 256 nt + 64 w .. + 64 (eight n8 tiles), all MT m16 tiles.
-template <typename T, int BITS, int MT>
-__global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
+// 16 MT mb .. + 16 MT of columns 256 nt .. + 256 over its slice of K's 64-deep tiles.
+// Warp (wn, wk) owns columns 256 nt + 64 wn .. + 64 (eight n8 tiles) and k16 steps
+// 2 wk, 2 wk + 1 of every stage, for all MT m16 tiles; the two wk halves are summed once
+// at the end. Eight warps per CTA, each with half a stage of work, keep enough warps
+// resident to hide the dequantize -> mma latency that four warps left exposed.
+// MINB: CTAs per SM the register allocation must allow (the decode case, MT = 1, is
+// latency-bound: 3 CTAs = 24 warps at <= 80 registers, with a few spills, or 2 = 16
+// warps without).
+template <typename T, int BITS, int MT, int MINB>
+__global__ void __launch_bounds__(kMmaThreads, MINB) mma_kernel(const MmaParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using D = Dtype<T>;
   using T2 = typename D::T2;
   using S = Smem<BITS, MT>;
   extern __shared__ uint4 smem[];
   char* const base = reinterpret_cast<char*>(smem);
+  int* const stage_g0 = reinterpret_cast<int*>(base + (S::kPipe > S::kReduce ? S::kPipe : S::kReduce));
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wn = warp % kWarpsN, wk = warp / kWarpsN;
   const int nt = blockIdx.x, slice = blockIdx.y, m0 = blockIdx.z * 16 * MT;
-  const int units = p.n / 64, unit0 = nt * kMmaWarps;
+  const int units = p.n / 64, unit0 = nt * kWarpsN;
   const int kb_rows = p.k / 16, k_tiles = (p.k + kBK - 1) / kBK;
   const int kt_begin = static_cast<int>(int64_t{k_tiles} * slice / p.splits);
   const int kt_end = static_cast<int>(int64_t{k_tiles} * (slice + 1) / p.splits);
   const int n_kt = kt_end - kt_begin;
   const int64_t words_row = int64_t{p.n} * BITS / 2;
-  const int valid_units = min(kMmaWarps, units - unit0);
-  const bool active = warp < valid_units;
+  const int valid_units = min(kWarpsN, units - unit0);
+  const bool active = wn < valid_units;
 
   const T* const x = static_cast<const T*>(p.x);
   const T* const scales = static_cast<const T*>(p.scales);
+
+  // The loader's group: the one holding the next stage's first k, and where the next
+  // group starts (one division per CTA, none per stage).
+  int lg = kt_begin * kBK / p.gs;
+  int lnext = (lg + 1) * p.gs;
 
   // Issue the copies of one stage: 4 k16 rows of packed weights (the CTA's 4 units are
   // one contiguous run per row), the x tile (zero past M and K), and the scale / zero
@@ -268,7 +307,7 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
     char* ss = sa + S::kA;
     char* sz = ss + S::kS;
     constexpr int chunks_per_unit = 8 * BITS;   // 16-byte chunks of one k16 x n64 unit
-    constexpr int chunks_row = kMmaWarps * chunks_per_unit;
+    constexpr int chunks_row = kWarpsN * chunks_per_unit;
     const int valid_chunks = valid_units * chunks_per_unit;
 #pragma unroll
     for (int i = 0; i < (kBK / 16) * chunks_row / kMmaThreads; ++i) {
@@ -294,16 +333,22 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
       }
     }
     const int k0 = kt * kBK, k1 = min(k0 + kBK, p.k) - 1;
-    const int g0 = k0 / p.gs, rows = k1 / p.gs - g0 + 1;
+    while (lnext <= k0) {
+      ++lg;
+      lnext += p.gs;
+    }
+    int rows = 1;
+    for (int e = lnext; e <= k1; e += p.gs) ++rows;
+    if (tid == 0) stage_g0[st] = lg;
     const int col0 = nt * kBN;
     const int64_t n = p.n;
     for (int c = tid; c < rows * 48; c += kMmaThreads) {
       const int r = c / 48, j = c - r * 48;
       if (j < 32) {   // scales: 32 chunks of 8
-        if (col0 + j * 8 < p.n) cp_async16(ss + (r * kBN + j * 8) * 2, scales + (g0 + r) * n + col0 + j * 8, 16);
+        if (col0 + j * 8 < p.n) cp_async16(ss + (r * kBN + j * 8) * 2, scales + (lg + r) * n + col0 + j * 8, 16);
       } else {        // zeros: 16 chunks of 16
         const int jz = j - 32;
-        if (col0 + jz * 16 < p.n) cp_async16(sz + r * kBN + jz * 16, p.zeros + (g0 + r) * n + col0 + jz * 16, 16);
+        if (col0 + jz * 16 < p.n) cp_async16(sz + r * kBN + jz * 16, p.zeros + (lg + r) * n + col0 + jz * 16, 16);
       }
     }
   };
@@ -316,10 +361,12 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mt][c][e] = 0.f;
 
-  // The lane's 8 columns' scale / zero terms for the current group (re-read only when a
-  // k16 step enters a new group).
-  int cur_g = -1;
-  T2 sc[8], zt[8];
+  // The lane's 8 columns' scale / zero terms for its current group, re-read only when a
+  // k16 step enters a new group (tracked without dividing).
+  int g = (kt_begin * kBK + 32 * wk) / p.gs;
+  int gnext = (g + 1) * p.gs;
+  int loaded = -1;
+  T2 sc[8], lo[8], hi[8];
   float zf[8];
 
 #pragma unroll
@@ -336,20 +383,25 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
     cp_async_commit();
 
     const int kt = kt_begin + i;
-    const char* sb = base + (i % kStages) * S::kStage;
+    const int st = i % kStages;
+    const char* sb = base + st * S::kStage;
     const char* sa = sb + S::kB;
     const T* ss = reinterpret_cast<const T*>(sa + S::kA);
     const uint8_t* sz = reinterpret_cast<const uint8_t*>(ss) + S::kS;
-    const int g0 = kt * kBK / p.gs;
     if (active) {
+      const int g0 = stage_g0[st];
 #pragma unroll
-      for (int ks = 0; ks < kBK / 16; ++ks) {
+      for (int h = 0; h < 2; ++h) {
+        const int ks = 2 * wk + h;
         const int kglob = kt * kBK + ks * 16;
         if (kglob < p.k) {
-          const int g = kglob / p.gs;
-          if (g != cur_g) {
-            cur_g = g;
-            const int off = (g - g0) * kBN + warp * 64 + (lane >> 2) * 8;
+          while (kglob >= gnext) {
+            ++g;
+            gnext += p.gs;
+          }
+          if (g != loaded) {
+            loaded = g;
+            const int off = (g - g0) * kBN + wn * 64 + (lane >> 2) * 8;
             const uint4 sv = *reinterpret_cast<const uint4*>(ss + off);
             const uint2 zv = *reinterpret_cast<const uint2*>(sz + off);
             const T* s8 = reinterpret_cast<const T*>(&sv);
@@ -357,7 +409,8 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
 #pragma unroll
             for (int c = 0; c < 8; ++c) {
               sc[c] = D::pair(s8[c]);
-              zt[c] = D::zero_term(z8[c]);
+              lo[c] = D::lo_term(z8[c]);
+              hi[c] = D::hi_term(z8[c]);
               zf[c] = static_cast<float>(z8[c]);
             }
           }
@@ -367,42 +420,69 @@ __global__ void __launch_bounds__(kMmaThreads) mma_kernel(const MmaParams p) {
             const int r = mt * 16 + (lane & 15), ch = ks * 2 + (lane >> 4);
             ldmatrix_x4(a[mt], sa + (r * 8 + (ch ^ (r & 7))) * 16);
           }
-          const uint32_t* wl = reinterpret_cast<const uint32_t*>(sb) + (ks * kMmaWarps + warp) * 32 * BITS + lane * BITS;
-          uint32_t q[BITS];
+          const uint32_t* wl =
+              reinterpret_cast<const uint32_t*>(sb) + (ks * kWarpsN + wn) * 32 * BITS + lane * BITS;
+          uint4 qv[BITS / 4];
 #pragma unroll
-          for (int v = 0; v < BITS / 4; ++v) *reinterpret_cast<uint4*>(q + 4 * v) = *reinterpret_cast<const uint4*>(wl + 4 * v);
+          for (int v = 0; v < BITS / 4; ++v) qv[v] = reinterpret_cast<const uint4*>(wl)[v];
 #pragma unroll
-          for (int c = 0; c < 8; ++c) {
-            uint32_t b0, b1;
+          for (int w = 0; w < BITS; ++w) {
+            const uint4& q4 = qv[w / 4];
+            const uint32_t q = (w & 3) == 0 ? q4.x : (w & 3) == 1 ? q4.y : (w & 3) == 2 ? q4.z : q4.w;
             if constexpr (BITS == 4) {
-              const uint32_t word = q[c >> 1] >> ((c & 1) * 8);
-              b0 = as_u32(D::dq4(word, zt[c], sc[c]));
-              b1 = as_u32(D::dq4(word >> 4, zt[c], sc[c]));
-            } else {
-              b0 = as_u32(D::template dq8<0x4140u>(q[c], zt[c], zf[c], sc[c]));
-              b1 = as_u32(D::template dq8<0x4342u>(q[c], zt[c], zf[c], sc[c]));
-            }
+              uint32_t b[4];
+              const T2 l2[2] = {lo[2 * w], lo[2 * w + 1]}, h2[2] = {hi[2 * w], hi[2 * w + 1]};
+              const T2 s2[2] = {sc[2 * w], sc[2 * w + 1]};
+              D::dq4(q, l2, h2, s2, b);
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) D::mma(acc[mt][c], a[mt], b0, b1);
+              for (int mt = 0; mt < MT; ++mt) {
+                D::mma(acc[mt][2 * w], a[mt], b[0], b[1]);
+                D::mma(acc[mt][2 * w + 1], a[mt], b[2], b[3]);
+              }
+            } else {
+              uint32_t b0, b1;
+              D::dq8(q, lo[w], zf[w], sc[w], b0, b1);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) D::mma(acc[mt][w], a[mt], b0, b1);
+            }
           }
         }
       }
     }
   }
   cp_async_wait<0>();
+  __syncthreads();   // the pipeline's shared memory now holds the second half's sums
 
-  if (!active) return;
+  // Sum the two K halves: [wn][element][lane], so a warp's 32 stores hit 32 banks.
+  float* red = reinterpret_cast<float*>(base);
+  if (active && wk == 1) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 8; ++c)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[((wn * MT + mt) * 32 + c * 4 + e) * 32 + lane] = acc[mt][c][e];
+  }
+  __syncthreads();
+  if (!active || wk == 1) return;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][c][e] += red[((wn * MT + mt) * 32 + c * 4 + e) * 32 + lane];
+
   // Accumulator (mt, c) holds rows m0 + 16 mt + g (+ 8) and columns 2t, 2t + 1 of n8
   // tile c: adjacent columns, written as one pair.
-  const int g = lane >> 2, t = lane & 3;
+  const int gq = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
-      const int col = (unit0 + warp) * 64 + c * 8 + 2 * t;
+      const int col = (unit0 + wn) * 64 + c * 8 + 2 * t;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = m0 + mt * 16 + g + 8 * h;
+        const int row = m0 + mt * 16 + gq + 8 * h;
         if (row >= p.m) continue;
         float v0 = acc[mt][c][2 * h], v1 = acc[mt][c][2 * h + 1];
         if (p.splits == 1) {
@@ -445,26 +525,42 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int BITS, int MT>
+// Tuning knobs for a new GPU, read once: LOWBIT_MMA_CTAS_PER_SM (CTAs per SM the split-K
+// grid aims for) and LOWBIT_MMA_MINB (2 or 3, the decode kernel's register budget).
+int env_int(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr ? std::max(0, std::atoi(v)) : 0;
+}
+
+int ctas_per_sm_target(int mt) {
+  static const int env = env_int("LOWBIT_MMA_CTAS_PER_SM");
+  return env > 0 ? env : (mt == 1 ? 3 : 2);
+}
+
+int decode_min_blocks() {
+  static const int env = env_int("LOWBIT_MMA_MINB");
+  return env == 2 ? 2 : 3;
+}
+
+template <typename T, int BITS, int MT, int MINB>
 void launch_mma(const MmaParams& base_params, int sms, cudaStream_t stream, const at::Tensor& like) {
   using S = Smem<BITS, MT>;
   MmaParams p = base_params;
   const int n_tiles = (p.n + kBN - 1) / kBN;
   const int m_blocks = (p.m + 16 * MT - 1) / (16 * MT);
   const int k_tiles = (p.k + kBK - 1) / kBK;
-  // Split K until the grid covers every SM about twice (two resident CTAs per SM keep
-  // 2 x 3 stages of weights in flight), keeping at least 4 tiles per slice so the
-  // pipeline fills and the partial sums stay small next to the weights.
-  const int ctas = n_tiles * m_blocks;
-  int splits = std::max(1, (2 * sms + ctas - 1) / ctas);
-  splits = std::min(splits, std::max(1, k_tiles / 4));
+  // Split K until the grid fills every SM with the resident CTAs its latency hiding
+  // needs, keeping at least 3 tiles per slice so each slice's pipeline fills.
+  const int ctas = n_tiles * m_blocks, want = ctas_per_sm_target(MT) * sms;
+  int splits = std::max(1, (want + ctas - 1) / ctas);
+  splits = std::min(splits, std::max(1, k_tiles / 3));
   p.splits = splits;
   at::Tensor partial;
   if (splits > 1) {
     partial = at::empty({splits, p.m, p.n}, like.options().dtype(at::kFloat));
     p.partial = partial.data_ptr<float>();
   }
-  auto kernel = mma_kernel<T, BITS, MT>;
+  auto kernel = mma_kernel<T, BITS, MT, MINB>;
   // Above 48 KiB of dynamic shared memory needs an opt-in, once per device.
   static std::atomic<uint64_t> opted_in{0};
   int dev = 0;
@@ -488,43 +584,71 @@ void launch_mma(const MmaParams& base_params, int sms, cudaStream_t stream, cons
 template <typename T, int BITS>
 void dispatch_mt(const MmaParams& p, int sms, cudaStream_t stream, const at::Tensor& like) {
   if (p.m <= 16) {
-    launch_mma<T, BITS, 1>(p, sms, stream, like);
+    if (decode_min_blocks() == 3) {
+      launch_mma<T, BITS, 1, 3>(p, sms, stream, like);
+    } else {
+      launch_mma<T, BITS, 1, 2>(p, sms, stream, like);
+    }
   } else if (p.m <= 32) {
-    launch_mma<T, BITS, 2>(p, sms, stream, like);
+    launch_mma<T, BITS, 2, 2>(p, sms, stream, like);
   } else {
-    launch_mma<T, BITS, 4>(p, sms, stream, like);
+    launch_mma<T, BITS, 4, 1>(p, sms, stream, like);
   }
 }
 
 // -- dequantize (for the GEMM path) ----------------------------------------------------------
 
-// W [N, K] in x's dtype (or float32) from one packed word per thread; the codes at k and
-// k + 1 of a column sit in code slots i and i + 4 (4-bit) or i and i + 1 (8-bit), so
-// they are written as one pair.
+// W [N, K] in x's dtype (or float32). CTA (u, kq): one 64-column unit, 4 k16 rows; warp r
+// dequantizes row 4 kq + r from its lanes' operand words into a shared [64][64] tile, then
+// the CTA writes the tile as 64 runs of 128 bytes: W's rows are K-contiguous, and the
+// operand order scatters a lane's codes over 8 rows, so writing straight from the
+// registers would cost a 2-byte store per code.
 template <typename OutT, int BITS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(128)
     dequant_mma_kernel(const uint32_t* __restrict__ w, const OutT* __restrict__ scales,
                        const uint8_t* __restrict__ zeros, int64_t n, int64_t k, int64_t gs,
                        OutT* __restrict__ out) {
-  const int64_t words = n * BITS / 2, total = (k / 16) * words;
-  for (int64_t idx = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; idx < total;
-       idx += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t kb = idx / words, wi = idx - kb * words;
-    const uint32_t v = __ldg(w + idx);
+  __shared__ __align__(16) OutT tile[64][64 + 16 / sizeof(OutT)];   // padded: fewer bank conflicts
+  const int lane = threadIdx.x & 31, r = threadIdx.x >> 5;
+  const int64_t u = blockIdx.x, kb = int64_t{blockIdx.y} * 4 + r;
+  const int64_t kbs = k / 16, words = n * BITS / 2;
+  if (kb < kbs) {
+    const int64_t grp = (kb * 16) / gs;
+    const int gq = lane >> 2, t = lane & 3;
+    float s[8], z[8];
 #pragma unroll
-    for (int i = 0; i < 32 / BITS; ++i) {
-      const int step = BITS == 4 ? 4 : 1;
-      if (BITS == 4 ? i >= 4 : (i & 1)) continue;   // slot i + step is the pair's second
-      int64_t kk, c;
-      mma_code_position(BITS, kb, wi, i, kk, c);
-      const int64_t gi = (kk / gs) * n + mma_param_position(c);
-      const float s = to_f32(scales[gi]);
-      const float z = static_cast<float>(zeros[gi]);
-      const float q0 = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1u));
-      const float q1 = static_cast<float>((v >> ((i + step) * BITS)) & ((1u << BITS) - 1u));
-      OutT* dst = out + c * k + kk;
-      dst[0] = from_f32<OutT>(__fmul_rn(q0 - z, s));
-      dst[1] = from_f32<OutT>(__fmul_rn(q1 - z, s));
+    for (int c = 0; c < 8; ++c) {
+      const int64_t pos = grp * n + u * 64 + gq * 8 + c;   // permuted: column 64 u + 8 c + gq
+      s[c] = to_f32(scales[pos]);
+      z[c] = static_cast<float>(zeros[pos]);
+    }
+    const uint32_t* src = w + kb * words + u * 32 * BITS + lane * BITS;
+#pragma unroll
+    for (int wi = 0; wi < BITS; ++wi) {
+      const uint32_t v = __ldg(src + wi);
+#pragma unroll
+      for (int i = 0; i < 32 / BITS; ++i) {
+        // The layout of csrc/core/mma.h within one unit and one k16 row; the n8 tile (the
+        // index into s / z) is a compile-time constant, so s and z stay in registers.
+        const int tc = BITS == 4 ? 2 * wi + ((i >> 1) & 1) : wi;
+        const int kk = BITS == 4 ? 2 * t + (i >> 2) + 8 * (i & 1) : 2 * t + (i & 1) + 8 * (i >> 1);
+        const int c = tc * 8 + gq;
+        const float q = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1u));
+        tile[c][r * 16 + kk] = from_f32<OutT>(__fmul_rn(q - z[tc], s[tc]));
+      }
+    }
+  }
+  __syncthreads();
+  // 64 rows x (up to) 64 k: thread i writes row i / 2, half i % 2 (32 k), in 16-byte runs.
+  const int row = threadIdx.x >> 1, half = threadIdx.x & 1;
+  const int64_t k0 = int64_t{blockIdx.y} * 64 + half * 32;
+  constexpr int per16 = 16 / sizeof(OutT);
+#pragma unroll
+  for (int j = 0; j < 32 / per16; ++j) {
+    const int64_t kk = k0 + j * per16;
+    if (kk < k) {
+      *reinterpret_cast<uint4*>(out + (u * 64 + row) * k + kk) =
+          *reinterpret_cast<const uint4*>(&tile[row][half * 32 + j * per16]);
     }
   }
 }
@@ -610,16 +734,16 @@ at::Tensor mma_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   // Dequantize W [N, K] once into x's dtype, then one cuBLAS GEMM (float32 accumulation;
   // a bias rides in cuBLASLt's epilogue, rounded to x's dtype first).
   at::Tensor w = at::empty({sz.n, sz.k}, x.options());
-  const unsigned int grid = grid_for((sz.k / 16) * sz.n * bits / 2, kThreads);
+  const dim3 grid(static_cast<unsigned int>(sz.n / 64), static_cast<unsigned int>((sz.k / 16 + 3) / 4));
   const auto* wp = reinterpret_cast<const uint32_t*>(pk.data_ptr<int32_t>());
   const uint8_t* zp = zs.data_ptr<uint8_t>();
   auto launch = [&](auto* out_ptr) {
     using OutT = std::remove_pointer_t<decltype(out_ptr)>;
     const auto* sp = reinterpret_cast<const OutT*>(sc.data_ptr());
     if (bits == 4) {
-      dequant_mma_kernel<OutT, 4><<<grid, kThreads, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
+      dequant_mma_kernel<OutT, 4><<<grid, 128, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
     } else {
-      dequant_mma_kernel<OutT, 8><<<grid, kThreads, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
+      dequant_mma_kernel<OutT, 8><<<grid, 128, 0, stream>>>(wp, sp, zp, sz.n, sz.k, gs, out_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };

@@ -14,8 +14,8 @@ the float64 value of the reference formula (W rounded to x.dtype, as specified) 
 u32 = 2**-24: a float32 sum of n terms errs by at most n u32 of the sum of their
 magnitudes; the factor 2 covers tensor cores, whose float32 accumulation truncates. A
 wrong or missing term errs by about sum|x||W| / K, far above it (test_bound_is_tight).
-float16/bfloat16 results must also be within a relative mean error of 1e-3 of the
-reference accumulated in float64 and rounded once to x.dtype.
+float16 results must also be within a relative mean error of 1e-3 (bfloat16: 4e-3) of
+the reference accumulated in float64 and rounded once to x.dtype.
 """
 import pytest
 import torch
@@ -109,7 +109,10 @@ def _check(y, x, packed, scales, zeros, bits, group_size, bias=None, what=""):
         den = y_ref.double()[finite].abs().mean()
         if den > 0:
             rel = float((y.double() - y_ref.double())[finite].abs().mean() / den)
-            assert rel < 1e-3, f"{what}: relative mean error {rel:.3g}"
+            # 1e-3 for float16 (the issue's criterion); bfloat16's ulp is 8x float16's, and a
+            # flipped rounding of y alone costs 2**-8 of that element: 4e-3.
+            limit = 1e-3 if x.dtype == torch.float16 else 4e-3
+            assert rel < limit, f"{what}: relative mean error {rel:.3g}"
     if x.dtype == torch.float32:
         # The float32 reference is within the same bound of the exact value.
         y32 = ref.mma_matmul(x, packed, scales, zeros, bits, group_size, bias)
