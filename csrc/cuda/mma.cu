@@ -172,6 +172,26 @@ __device__ __forceinline__ T2 as_t2(uint32_t v) {
   return *reinterpret_cast<const T2*>(&v);
 }
 
+// (x & MASK) | MAGIC in one LOP3: written as C++, ptxas emits an AND and an OR (a LOP3
+// takes one immediate), one instruction per code pair too many.
+template <uint32_t MASK, uint32_t MAGIC>
+__device__ __forceinline__ uint32_t lop3(uint32_t x) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;\n" : "=r"(r) : "r"(x), "n"(MASK), "n"(MAGIC));
+  return r;
+}
+
+// Halves / bytes of a group's staged scales and zero points for n8 tile c (0..7).
+template <typename T2>
+__device__ __forceinline__ T2 scale_pair(const uint4& sv, int c) {
+  const uint32_t w = c < 2 ? sv.x : c < 4 ? sv.y : c < 6 ? sv.z : sv.w;
+  return as_t2<T2>(__byte_perm(w, w, (c & 1) ? 0x3232u : 0x1010u));
+}
+
+__device__ __forceinline__ uint32_t zero_byte(const uint2& zv, int c) {
+  return ((c < 4 ? zv.x : zv.y) >> (8 * (c & 3))) & 0xFFu;
+}
+
 // Per-dtype pieces: the mma instruction and the dequantization of one 4- or 8-bit code
 // word into B-operand register pairs. A code ORed into the low mantissa bits under a
 // fixed exponent ("magic number") becomes a float16/bfloat16 value with one LOP3 and no
@@ -192,11 +212,21 @@ struct Dtype<__half> {
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
   }
-  // Terms of a group's zero point: lo = 1024 + z subtracted from 1024 + q; hi = -(64 + z)
-  // added to (1024 + 16 q) / 16. Both exact in float16 for z <= 255, so q - z is exact
-  // and the scale product rounds once, as the reference's float32 product does.
-  __device__ static T2 lo_term(int z) { return __float2half2_rn(1024.f + static_cast<float>(z)); }
-  __device__ static T2 hi_term(int z) { return __float2half2_rn(-64.f - static_cast<float>(z)); }
+  // Terms of a group: the scale pairs, lo = 1024 + z (subtracted from 1024 + q) and
+  // hi = -(64 + z) (added to (1024 + 16 q) / 16), both exact in float16 for z <= 255, so
+  // q - z is exact and the scale product rounds once, as the reference's float32 product
+  // does. lo is the magic-number trick again (0x64 above the zero byte), hi = 960 - lo.
+  __device__ static void terms(const uint4& sv, const uint2& zv, T2 (&sc)[8], T2 (&lo)[8], T2 (&hi)[8],
+                               float (&)[8]) {
+    const T2 k960 = __float2half2_rn(960.f);
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = scale_pair<T2>(sv, c);
+      const uint32_t b = c & 3;
+      lo[c] = as_t2<T2>(__byte_perm(c < 4 ? zv.x : zv.y, 0x64646464u, 0x4040u | b | (b << 8)));
+      hi[c] = __hsub2(k960, lo[c]);
+    }
+  }
   // A 4-bit word feeds two n8 tiles: nibbles (0, 4) and (1, 5) are tile 0's b0 and b1,
   // (2, 6) and (3, 7) tile 1's. Nibbles 1 and 5 are masked in place (1024 + 16 q) and
   // scaled by 1/16 in the FMA that also subtracts the zero point: one shift per word.
@@ -206,8 +236,8 @@ struct Dtype<__half> {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
       const uint32_t w = j == 0 ? q : q >> 8;
-      const uint32_t l = (w & 0x000F000Fu) | 0x64006400u;
-      const uint32_t h = (w & 0x00F000F0u) | 0x64006400u;
+      const uint32_t l = lop3<0x000F000Fu, 0x64006400u>(w);
+      const uint32_t h = lop3<0x00F000F0u, 0x64006400u>(w);
       b[2 * j] = as_u32(__hmul2(__hsub2(as_t2<T2>(l), lo[j]), s[j]));
       b[2 * j + 1] = as_u32(__hmul2(__hfma2(as_t2<T2>(h), sixteenth, hi[j]), s[j]));
     }
@@ -237,14 +267,22 @@ struct Dtype<__nv_bfloat16> {
   // bfloat16's 7 mantissa bits hold a nibble only at the bottom (128 + q), and hold
   // integers exactly only up to 256: the magic and the zero point come off in two exact
   // subtractions (lo = z), and every nibble is shifted down.
-  __device__ static T2 lo_term(int z) { return __float2bfloat162_rn(static_cast<float>(z)); }
-  __device__ static T2 hi_term(int) { return __float2bfloat162_rn(128.f); }
+  __device__ static void terms(const uint4& sv, const uint2& zv, T2 (&sc)[8], T2 (&lo)[8], T2 (&)[8],
+                               float (&zf)[8]) {
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      sc[c] = scale_pair<T2>(sv, c);
+      zf[c] = __uint_as_float(0x4B000000u | zero_byte(zv, c)) - 8388608.f;   // exact: 2**23 + z - 2**23
+      lo[c] = __float2bfloat162_rn(zf[c]);
+    }
+  }
   __device__ static void dq4(uint32_t q, const T2 (&lo)[2], const T2 (&hi)[2], const T2 (&s)[2],
                              uint32_t (&b)[4]) {
+    const T2 k128 = __float2bfloat162_rn(128.f);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const uint32_t v = ((q >> (4 * i)) & 0x000F000Fu) | 0x43004300u;
-      b[i] = as_u32(__hmul2(__hsub2(__hsub2(as_t2<T2>(v), hi[i >> 1]), lo[i >> 1]), s[i >> 1]));
+      const uint32_t v = lop3<0x000F000Fu, 0x43004300u>(q >> (4 * i));
+      b[i] = as_u32(__hmul2(__hsub2(__hsub2(as_t2<T2>(v), k128), lo[i >> 1]), s[i >> 1]));
     }
   }
   // An 8-bit code does not fit bfloat16's mantissa: through float32, where q - z is exact,
@@ -298,57 +336,80 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) mma_kernel(const MmaParams 
   int lg = kt_begin * kBK / p.gs;
   int lnext = (lg + 1) * p.gs;
 
-  // Issue the copies of one stage: 4 k16 rows of packed weights (the CTA's 4 units are
-  // one contiguous run per row), the x tile (zero past M and K), and the scale / zero
-  // rows of the groups the stage's K range touches.
+  // Copies by warp role. Warps 0..3 each copy one k16 row of packed weights per stage:
+  // the CTA's 4 units of a row are one contiguous 512 * BITS / 4 bytes, lane l taking
+  // chunks l, l + 32, ..., so each copy is a fixed offset from one per-stage pointer.
+  // Warps 4..7 copy the x tile and the scale / zero rows. (Index arithmetic recomputed
+  // per copy and per stage cost more instructions than the dequantize + mma it fed: at
+  // these bandwidths the kernel is issue-bound, not DRAM-bound.)
+  constexpr int kChunksRow = kWarpsN * 8 * BITS;          // 16-byte chunks of one k16 row
+  constexpr int kBPerLane = kChunksRow / 32;              // = BITS
+  const bool b_warp = warp < kWarpsN;
+  const int b_valid = valid_units * (BITS / 4);           // chunks j < b_valid are in N
+  const uint32_t* const b_base = p.w + int64_t{unit0} * 32 * BITS + lane * 4;
+  const int b_dst = warp * kChunksRow * 16 + lane * 16;
+  const int lt = tid - kMmaThreads / 2;                   // 0..127 in warps 4..7
+  constexpr int kACopies = MT;                            // MT * 128 chunks over 128 threads
+  int64_t a_src[kACopies];
+  int a_dst[kACopies], a_col[kACopies];
+  bool a_ok[kACopies];
+#pragma unroll
+  for (int i = 0; i < kACopies; ++i) {
+    const int c = i * 128 + lt;
+    const int r = c >> 3, ch = c & 7;
+    a_ok[i] = !b_warp && m0 + r < p.m;
+    a_col[i] = ch * 8;
+    a_src[i] = a_ok[i] ? int64_t{m0 + r} * p.k + ch * 8 : 0;
+    // chunk ch of row r stored at ch ^ (r & 7): the 8 rows an ldmatrix phase reads land
+    // in 8 different bank groups.
+    a_dst[i] = (r * 8 + (ch ^ (r & 7))) * 16;
+  }
+
   auto load_stage = [&](int st, int kt) {
     char* sb = base + st * S::kStage;
+    if (b_warp) {
+      const int kb = kt * (kBK / 16) + warp;
+      if (kb < kb_rows) {
+        const uint32_t* src = b_base + int64_t{kb} * words_row;
+        char* dst = sb + b_dst;
+#pragma unroll
+        for (int j = 0; j < kBPerLane; ++j) {
+          if (j < b_valid) cp_async16(dst + j * 512, src + j * 128, 16);
+        }
+      }
+      return;
+    }
     char* sa = sb + S::kB;
-    char* ss = sa + S::kA;
-    char* sz = ss + S::kS;
-    constexpr int chunks_per_unit = 8 * BITS;   // 16-byte chunks of one k16 x n64 unit
-    constexpr int chunks_row = kWarpsN * chunks_per_unit;
-    const int valid_chunks = valid_units * chunks_per_unit;
+    const int k0 = kt * kBK;
 #pragma unroll
-    for (int i = 0; i < (kBK / 16) * chunks_row / kMmaThreads; ++i) {
-      const int c = i * kMmaThreads + tid;
-      const int r = c / chunks_row, j = c - r * chunks_row;
-      const int kb = kt * (kBK / 16) + r;
-      if (kb < kb_rows && j < valid_chunks) {
-        const uint32_t* src = p.w + kb * words_row + int64_t{unit0} * 32 * BITS + j * 4;
-        cp_async16(sb + (r * chunks_row + j) * 16, src, 16);
-      }
+    for (int i = 0; i < kACopies; ++i) {
+      const bool ok = a_ok[i] && k0 + a_col[i] < p.k;
+      cp_async16(sa + a_dst[i], ok ? x + a_src[i] + k0 : x, ok ? 16 : 0);
     }
-    // x: 16 MT rows x 8 chunks; chunk c of row r stored at c ^ (r & 7), so the 8 rows an
-    // ldmatrix phase reads land in 8 different bank groups.
-#pragma unroll
-    for (int i = 0; i < (MT * 16 * 8 + kMmaThreads - 1) / kMmaThreads; ++i) {
-      const int c = i * kMmaThreads + tid;
-      if (c < MT * 16 * 8) {
-        const int r = c >> 3, ch = c & 7;
-        const int row = m0 + r, col = kt * kBK + ch * 8;
-        const bool ok = row < p.m && col < p.k;
-        const T* src = ok ? x + int64_t{row} * p.k + col : x;
-        cp_async16(sa + (r * 8 + (ch ^ (r & 7))) * 16, src, ok ? 16 : 0);
-      }
-    }
-    const int k0 = kt * kBK, k1 = min(k0 + kBK, p.k) - 1;
+    const int k1 = min(k0 + kBK, p.k) - 1;
     while (lnext <= k0) {
       ++lg;
       lnext += p.gs;
     }
     int rows = 1;
     for (int e = lnext; e <= k1; e += p.gs) ++rows;
-    if (tid == 0) stage_g0[st] = lg;
-    const int col0 = nt * kBN;
-    const int64_t n = p.n;
-    for (int c = tid; c < rows * 48; c += kMmaThreads) {
+    if (lt == 0) stage_g0[st] = lg;
+    // rows x (32 scale + 16 zero chunks), at most 192: lanes of warps 4..7, twice.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int c = i * 128 + lt;
       const int r = c / 48, j = c - r * 48;
-      if (j < 32) {   // scales: 32 chunks of 8
-        if (col0 + j * 8 < p.n) cp_async16(ss + (r * kBN + j * 8) * 2, scales + (lg + r) * n + col0 + j * 8, 16);
-      } else {        // zeros: 16 chunks of 16
-        const int jz = j - 32;
-        if (col0 + jz * 16 < p.n) cp_async16(sz + r * kBN + jz * 16, p.zeros + (lg + r) * n + col0 + jz * 16, 16);
+      if (r < rows) {
+        const bool is_scale = j < 32;
+        const int col = nt * kBN + (is_scale ? j * 8 : (j - 32) * 16);
+        if (col < p.n) {
+          const int64_t off = int64_t{lg + r} * p.n + col;
+          if (is_scale) {
+            cp_async16(sa + S::kA + (r * kBN + j * 8) * 2, scales + off, 16);
+          } else {
+            cp_async16(sa + S::kA + S::kS + r * kBN + (j - 32) * 16, p.zeros + off, 16);
+          }
+        }
       }
     }
   };
@@ -404,15 +465,7 @@ __global__ void __launch_bounds__(kMmaThreads, MINB) mma_kernel(const MmaParams 
             const int off = (g - g0) * kBN + wn * 64 + (lane >> 2) * 8;
             const uint4 sv = *reinterpret_cast<const uint4*>(ss + off);
             const uint2 zv = *reinterpret_cast<const uint2*>(sz + off);
-            const T* s8 = reinterpret_cast<const T*>(&sv);
-            const uint8_t* z8 = reinterpret_cast<const uint8_t*>(&zv);
-#pragma unroll
-            for (int c = 0; c < 8; ++c) {
-              sc[c] = D::pair(s8[c]);
-              lo[c] = D::lo_term(z8[c]);
-              hi[c] = D::hi_term(z8[c]);
-              zf[c] = static_cast<float>(z8[c]);
-            }
+            D::terms(sv, zv, sc, lo, hi, zf);
           }
           uint32_t a[MT][4];
 #pragma unroll
