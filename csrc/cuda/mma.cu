@@ -103,7 +103,7 @@ constexpr int kStages = 4;                   // cp.async stages in flight per CT
 constexpr int kGroupRows = 4;                // scale rows a stage can touch (group_size >= 16)
 // Up to this many rows the tensor-core kernel beats dequantize + cuBLAS (measured on
 // H100/H200 with benchmarks/bench_mma.py; see benchmarks/results/).
-constexpr int64_t kDefaultMaxMmaRows = 128;
+constexpr int64_t kDefaultMaxMmaRows = 64;
 
 template <int BITS, int MT>
 struct Smem {
@@ -587,12 +587,15 @@ int env_int(const char* name) {
 
 int ctas_per_sm_target(int mt) {
   static const int env = env_int("LOWBIT_MMA_CTAS_PER_SM");
-  return env > 0 ? env : (mt == 1 ? 3 : 2);
+  // Measured on an H200 (benchmarks/results/gpu_h200_2026-11-26_issue7.md): 4 for the
+  // decode kernel, 3 at M <= 32, 2 above.
+  return env > 0 ? env : (mt == 1 ? 4 : mt == 2 ? 3 : 2);
 }
 
 int decode_min_blocks() {
+  // 2 (no spills, 16 warps per SM) measured faster than 3 (24 warps, spills) on an H200.
   static const int env = env_int("LOWBIT_MMA_MINB");
-  return env == 2 ? 2 : 3;
+  return env == 3 ? 3 : 2;
 }
 
 template <typename T, int BITS, int MT, int MINB>
@@ -655,39 +658,82 @@ void dispatch_mt(const MmaParams& p, int sms, cudaStream_t stream, const at::Ten
 // dequantizes row 4 kq + r from its lanes' operand words into a shared [64][64] tile, then
 // the CTA writes the tile as 64 runs of 128 bytes: W's rows are K-contiguous, and the
 // operand order scatters a lane's codes over 8 rows, so writing straight from the
-// registers would cost a 2-byte store per code.
+// registers would cost a 2-byte store per code. float16 / bfloat16 reuse the tensor-core
+// kernel's dequantization (a k, k + 1 pair per instruction sequence; it is also what
+// makes the two paths' W identical).
+template <typename T>
+struct Cuda;
+template <>
+struct Cuda<c10::Half> { using type = __half; };
+template <>
+struct Cuda<c10::BFloat16> { using type = __nv_bfloat16; };
+
 template <typename OutT, int BITS>
 __global__ void __launch_bounds__(128)
     dequant_mma_kernel(const uint32_t* __restrict__ w, const OutT* __restrict__ scales,
                        const uint8_t* __restrict__ zeros, int64_t n, int64_t k, int64_t gs,
                        OutT* __restrict__ out) {
-  __shared__ __align__(16) OutT tile[64][64 + 16 / sizeof(OutT)];   // padded: fewer bank conflicts
+  constexpr int kPitch = 64 + 16 / sizeof(OutT);   // padded rows: fewer bank conflicts
+  __shared__ __align__(16) OutT tile[64][kPitch];
   const int lane = threadIdx.x & 31, r = threadIdx.x >> 5;
   const int64_t u = blockIdx.x, kb = int64_t{blockIdx.y} * 4 + r;
   const int64_t kbs = k / 16, words = n * BITS / 2;
   if (kb < kbs) {
     const int64_t grp = (kb * 16) / gs;
     const int gq = lane >> 2, t = lane & 3;
-    float s[8], z[8];
-#pragma unroll
-    for (int c = 0; c < 8; ++c) {
-      const int64_t pos = grp * n + u * 64 + gq * 8 + c;   // permuted: column 64 u + 8 c + gq
-      s[c] = to_f32(scales[pos]);
-      z[c] = static_cast<float>(zeros[pos]);
-    }
+    const int64_t pos = grp * n + u * 64 + gq * 8;   // permuted: tile c of the lane at pos + c
     const uint32_t* src = w + kb * words + u * 32 * BITS + lane * BITS;
+    if constexpr (std::is_same_v<OutT, float>) {
+      float s[8], z[8];
 #pragma unroll
-    for (int wi = 0; wi < BITS; ++wi) {
-      const uint32_t v = __ldg(src + wi);
+      for (int c = 0; c < 8; ++c) {
+        s[c] = scales[pos + c];
+        z[c] = static_cast<float>(zeros[pos + c]);
+      }
 #pragma unroll
-      for (int i = 0; i < 32 / BITS; ++i) {
-        // The layout of csrc/core/mma.h within one unit and one k16 row; the n8 tile (the
-        // index into s / z) is a compile-time constant, so s and z stay in registers.
-        const int tc = BITS == 4 ? 2 * wi + ((i >> 1) & 1) : wi;
-        const int kk = BITS == 4 ? 2 * t + (i >> 2) + 8 * (i & 1) : 2 * t + (i & 1) + 8 * (i >> 1);
-        const int c = tc * 8 + gq;
-        const float q = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1u));
-        tile[c][r * 16 + kk] = from_f32<OutT>(__fmul_rn(q - z[tc], s[tc]));
+      for (int wi = 0; wi < BITS; ++wi) {
+        const uint32_t v = __ldg(src + wi);
+#pragma unroll
+        for (int i = 0; i < 32 / BITS; ++i) {
+          // The layout of csrc/core/mma.h within one unit and one k16 row; the n8 tile
+          // (the index into s / z) is a compile-time constant, so s and z stay in registers.
+          const int tc = BITS == 4 ? 2 * wi + ((i >> 1) & 1) : wi;
+          const int kk = BITS == 4 ? 2 * t + (i >> 2) + 8 * (i & 1) : 2 * t + (i & 1) + 8 * (i >> 1);
+          const float q = static_cast<float>((v >> (i * BITS)) & ((1u << BITS) - 1u));
+          tile[tc * 8 + gq][r * 16 + kk] = __fmul_rn(q - z[tc], s[tc]);
+        }
+      }
+    } else {
+      using T = typename Cuda<OutT>::type;
+      using D = Dtype<T>;
+      using T2 = typename D::T2;
+      const uint4 sv = *reinterpret_cast<const uint4*>(scales + pos);
+      const uint2 zv = *reinterpret_cast<const uint2*>(zeros + pos);
+      T2 sc[8], lo[8], hi[8];
+      float zf[8];
+      D::terms(sv, zv, sc, lo, hi, zf);
+      uint32_t q[BITS];
+#pragma unroll
+      for (int v = 0; v < BITS / 4; ++v) *reinterpret_cast<uint4*>(q + 4 * v) = *reinterpret_cast<const uint4*>(src + 4 * v);
+      // Register pair (k, k + 1) of n8 tile c: b0 is k = 2t, b1 is k = 2t + 8.
+      auto put = [&](int c, uint32_t b0, uint32_t b1) {
+        *reinterpret_cast<uint32_t*>(&tile[c * 8 + gq][r * 16 + 2 * t]) = b0;
+        *reinterpret_cast<uint32_t*>(&tile[c * 8 + gq][r * 16 + 2 * t + 8]) = b1;
+      };
+#pragma unroll
+      for (int wi = 0; wi < BITS; ++wi) {
+        if constexpr (BITS == 4) {
+          uint32_t b[4];
+          const T2 l2[2] = {lo[2 * wi], lo[2 * wi + 1]}, h2[2] = {hi[2 * wi], hi[2 * wi + 1]};
+          const T2 s2[2] = {sc[2 * wi], sc[2 * wi + 1]};
+          D::dq4(q[wi], l2, h2, s2, b);
+          put(2 * wi, b[0], b[1]);
+          put(2 * wi + 1, b[2], b[3]);
+        } else {
+          uint32_t b0, b1;
+          D::dq8(q[wi], lo[wi], zf[wi], sc[wi], b0, b1);
+          put(wi, b0, b1);
+        }
       }
     }
   }
@@ -753,14 +799,14 @@ at::Tensor mma_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   at::Tensor zs = zeros.contiguous();
   // Scales in x's dtype: the rounding the reference applies (exact for float32 x).
   at::Tensor sc = scales.to(dt).contiguous();
+  // Both paths read 16-byte chunks: every base address must be 16-byte aligned (the row
+  // strides are, given K % 16 == 0 and N % 64 == 0).
+  if (!is_aligned(pk.data_ptr(), 16)) pk = pk.clone();
+  if (!is_aligned(sc.data_ptr(), 16)) sc = sc.clone();
+  if (!is_aligned(zs.data_ptr(), 16)) zs = zs.clone();
   if (tc) {
-    // cp.async moves 16-byte chunks: every base address must be 16-byte aligned (the
-    // row strides are, given K % 16 == 0 and N % 64 == 0).
     at::Tensor x2 = x.reshape({sz.m, sz.k});
     if (!x2.is_contiguous() || !is_aligned(x2.data_ptr(), 16)) x2 = x2.clone(at::MemoryFormat::Contiguous);
-    if (!is_aligned(pk.data_ptr(), 16)) pk = pk.clone();
-    if (!is_aligned(sc.data_ptr(), 16)) sc = sc.clone();
-    if (!is_aligned(zs.data_ptr(), 16)) zs = zs.clone();
     at::Tensor y = at::empty({sz.m, sz.n}, x.options());
     MmaParams p{};
     p.x = x2.data_ptr();
