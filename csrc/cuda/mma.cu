@@ -101,9 +101,11 @@ constexpr int kBN = 64 * kWarpsN;            // columns per CTA
 constexpr int kBK = 64;                      // K per pipeline stage: 4 k16 steps
 constexpr int kStages = 4;                   // cp.async stages in flight per CTA
 constexpr int kGroupRows = 4;                // scale rows a stage can touch (group_size >= 16)
-// Up to this many rows the tensor-core kernel beats dequantize + cuBLAS (measured on
-// H100/H200 with benchmarks/bench_mma.py; see benchmarks/results/).
-constexpr int64_t kDefaultMaxMmaRows = 64;
+// Up to this many rows the tensor-core kernel beats dequantize + cuBLAS: on an H200
+// (benchmarks/results/gpu_h200_2026-11-26_issue7.md, forced-path columns) 128 for
+// layers of >= 2**25 weights (Llama gate/up/down), where dequantizing W costs the most,
+// 64 for smaller ones (q/k/v/o).
+int64_t default_max_mma_rows(int64_t n, int64_t k) { return n * k >= (int64_t{1} << 25) ? 128 : 64; }
 
 template <int BITS, int MT>
 struct Smem {
@@ -792,7 +794,7 @@ at::Tensor mma_matmul_cuda(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t gs = std::min(group_size, sz.k);   // >= K: one group; keeps k / gs in int
 
   const auto [major, sms] = device_info(x.get_device());
-  const int64_t limit = max_mma_rows < 0 ? kDefaultMaxMmaRows : max_mma_rows;
+  const int64_t limit = max_mma_rows < 0 ? default_max_mma_rows(sz.n, sz.k) : max_mma_rows;
   const bool tc = (dt == at::kHalf || dt == at::kBFloat16) && major >= 8 && sz.m <= limit;
 
   at::Tensor pk = packed.contiguous();

@@ -923,9 +923,10 @@ def mma_matmul(
             float ``[G, N]``, uint8 ``[G, N]``).
         bits: 4 or 8, as packed. group_size: as packed.
         bias: optional float ``[N]``.
-        max_mma_rows: ``-1`` (default) picks the path from crossovers measured on H100/H200
-            (``benchmarks/bench_mma.py``); ``0`` always dequantizes + GEMM; a large value
-            always runs the tensor-core kernel (benchmarks and tests).
+        max_mma_rows: ``-1`` (default) picks the path from crossovers measured on an H200
+            (``benchmarks/bench_mma.py``: the kernel up to 128 rows for layers of at least
+            2**25 weights, 64 below); ``0`` always dequantizes + GEMM; a large value always
+            runs the tensor-core kernel (benchmarks and tests).
 
     Returns:
         ``x.dtype`` ``[..., N]``, contiguous.
