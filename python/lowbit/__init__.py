@@ -22,11 +22,14 @@ from .algorithms.smoothquant import SmoothQuant  # noqa: E402
 from .algorithms.rtn import QuantizedWeight, rtn_quantize  # noqa: E402
 from .api import QuantReport, model_bytes, quantize  # noqa: E402
 from .config import PRESETS, QuantConfig, QuantScheme  # noqa: E402
+from . import checkpoint, formats  # noqa: E402
+from .checkpoint import load_quantized, save_quantized  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = [
     "quantize", "GPTQ", "AWQ", "SmoothQuant", "QuantConfig", "QuantScheme", "PRESETS", "QuantReport", "model_bytes", "nn", "models",
     "ops", "reference", "data", "eval", "rtn_quantize", "QuantizedWeight", "build_info", "__version__",
+    "save_quantized", "load_quantized", "checkpoint", "formats",
 ]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
