@@ -24,6 +24,9 @@ from .api import QuantReport, model_bytes, quantize  # noqa: E402
 from .config import PRESETS, QuantConfig, QuantScheme  # noqa: E402
 from . import checkpoint, formats  # noqa: E402
 from .checkpoint import load_quantized, save_quantized  # noqa: E402
+from . import hf as _hf  # noqa: E402
+
+_hf.install()   # transformers' from_pretrained / save_pretrained of lowbit checkpoints (imports nothing)
 
 __version__ = "0.1.0"
 __all__ = [

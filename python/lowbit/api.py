@@ -353,5 +353,8 @@ def _quantize(model, config, method, calibration, report_rows, progress, device,
         _set_submodule(model, n, q)
     report.model_bytes_after = model_bytes(model)
     report.seconds = time.perf_counter() - start
+    from .hf import attach   # a transformers model: save_pretrained writes a lowbit checkpoint
+
+    attach(model)
     log.info("%s", report.summary())
     return report
