@@ -125,6 +125,8 @@ def empty_layer(spec: dict[str, Any], name: str = "?", device=None) -> nn.Module
 
     try:
         kind = spec["kind"]
+        if kind not in _KINDS:
+            raise ValueError(f"unknown kind {kind!r} (known: {', '.join(_KINDS)})")
         k, n, bias = int(spec["in_features"]), int(spec["out_features"]), bool(spec["bias"])
         bias_dtype = dtype_of(spec["bias_dtype"]) if bias and spec.get("bias_dtype") else None
         if kind == "weight_only":
@@ -139,11 +141,8 @@ def empty_layer(spec: dict[str, Any], name: str = "?", device=None) -> nn.Module
         if kind == "w8a8":
             return W8A8Linear(k, n, bias=bias, static=bool(spec["static"]),
                               outlier_threshold=spec.get("outlier_threshold"), device=device, dtype=bias_dtype)
-        if kind == "fp8":
-            return FP8Linear(k, n, bias=bias, static=bool(spec["static"]),
-                             per_tensor_weight=bool(spec.get("per_tensor_weight", False)), device=device,
-                             dtype=bias_dtype)
-        raise ValueError(f"unknown kind {kind!r} (known: {', '.join(_KINDS)})")
+        return FP8Linear(k, n, bias=bias, static=bool(spec["static"]),
+                         per_tensor_weight=bool(spec.get("per_tensor_weight", False)), device=device, dtype=bias_dtype)
     except (KeyError, TypeError, ValueError) as e:
         what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
         raise CheckpointError(f"quantization_config.layers[{name!r}] does not describe a lowbit layer: {what}; "
@@ -172,6 +171,27 @@ def _tied_names(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, s
         kept = next((x for x in names if x not in targets), names[0])
         tied.update({x: kept for x in names if x != kept})
     return tied
+
+
+def breaks_ties(model: nn.Module) -> bool:
+    """Whether a lowbit layer of a transformers ``model`` replaced one side of a weight tie
+    it declares (a quantized ``lm_head`` of a model with ``tie_word_embeddings``): its
+    config must then say ``tie_word_embeddings=False``, or loading would tie the float
+    embedding over the quantized layer."""
+    if not _is_hf_model(model) or not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    try:
+        tied = model.get_expanded_tied_weights_keys(all_submodels=True)
+    except (AttributeError, ValueError):
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for name in [*tied.keys(), *tied.values()]:
+        owner = name.rpartition(".")[0]
+        try:
+            if layer_spec(model.get_submodule(owner)) is not None:
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 def quantization_config_of(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -205,6 +225,8 @@ def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
     d.pop("quantization_config", None)
     if _is_hf_model(model):
         d["architectures"] = [type(model).__name__]
+        if breaks_ties(model):
+            d["tie_word_embeddings"] = False
         floats = [p.dtype for p in model.parameters() if p.dtype.is_floating_point]
         if floats:
             d["dtype"] = str(floats[0]).removeprefix("torch.")
@@ -319,9 +341,7 @@ def _load(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tens
             raise CheckpointError(f"{directory / 'config.json'}: {name!r} is a {type(old).__name__} in the model, "
                                   "not a linear layer lowbit can replace")
         _set_submodule(model, name, new)
-    # Tied weights were written once: re-tie (transformers models tie themselves).
-    if hasattr(model, "tie_weights") and _is_hf_model(model):
-        model.tie_weights()
+    # Tied weights were written once: re-tie those the skeleton does not tie already.
     expected = model.state_dict()
     for dropped, kept in tied.items():
         if dropped not in expected or kept not in expected or kept not in tensors or dropped in tensors:

@@ -211,12 +211,14 @@ def attach(model: nn.Module) -> None:
     a ``LowbitHfQuantizer``, so ``model.save_pretrained(dir)`` writes a checkpoint that
     ``from_pretrained`` (and :func:`lowbit.load_quantized`) read back. Other models, and
     models without a lowbit layer, are left as they are."""
-    from .checkpoint import _is_hf_model, layer_spec
+    from .checkpoint import _is_hf_model, breaks_ties, layer_spec
 
     if not _is_hf_model(model) or "transformers" not in sys.modules:
         return
     if not any(layer_spec(m) is not None for m in model.modules()):
         return
+    if breaks_ties(model):   # a quantized lm_head is no longer the embedding: don't tie it on load
+        model.config.tie_word_embeddings = False
     classes = _define()
     config = classes["LowbitConfig"].from_model(model)
     model.config.quantization_config = config
