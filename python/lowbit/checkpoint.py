@@ -5,6 +5,26 @@ A checkpoint is a folder (see :mod:`lowbit.formats._io`): safetensors shards, ``
 with a ``quantization_config``, and a sha256 manifest. :func:`save_quantized` writes any
 format of :mod:`lowbit.formats`; :func:`load_quantized` reads any of them, picking the
 format from ``quantization_config.quant_method``.
+
+The ``"lowbit"`` format holds every lowbit layer kind. Its shards are the model's
+``state_dict`` (``QuantLinear``: ``qweight`` / ``scales`` / ``zeros`` / ``bias`` / ``perm`` in
+the GPTQ layout, also after ``pack_mma``; ``W8A8Linear`` / ``FP8Linear``: ``weight`` /
+``weight_scale`` / ``input_scale`` / ``bias``; everything else as it is), with tied weights
+written once. ``config.json`` is the transformers config (``architectures``, ``dtype``; ``{}``
+for a plain ``nn.Module``) plus::
+
+    "quantization_config": {
+        "quant_method": "lowbit", "format_version": 1, "lowbit_version": "0.1.0",
+        "layers": {"model.layers.0.mlp.up_proj": {"kind": "weight_only", "in_features": 576,
+                   "out_features": 1536, "bias": false, "bias_dtype": null, "bits": 4,
+                   "group_size": 128, "symmetric": true, "scale_dtype": "float16",
+                   "act_order": false}, ...},   # "w8a8": static, outlier_threshold;
+                                                # "fp8": static, per_tensor_weight
+        "modules_not_converted": ["lm_head"],
+        "tied_weights": {"lm_head.weight": "model.embed_tokens.weight"}}
+
+transformers' ``save_pretrained`` writes the same folder (without the manifest) for a model
+:func:`lowbit.quantize` quantized, and ``from_pretrained`` reads it (:mod:`lowbit.hf`).
 """
 from __future__ import annotations
 
