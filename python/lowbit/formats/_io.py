@@ -140,8 +140,14 @@ def _verify(d: Path) -> None:
         if not f.is_file():
             raise CheckpointError(f"{f}: missing (listed in {MANIFEST}); copy the whole checkpoint folder")
         if f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            hint = ""
+            if f.stat().st_mtime > path.stat().st_mtime:
+                # transformers' save_pretrained writes no manifest: one left by an earlier
+                # save_quantized into the same folder no longer describes its files.
+                hint = (f" The file is newer than {MANIFEST}: if another tool (save_pretrained) re-saved the "
+                        f"folder, delete {MANIFEST} or load with verify=False.")
             raise CheckpointError(f"{f}: corrupt: its sha256 does not match {MANIFEST} (truncated or modified "
-                                  "after saving); save the model again or re-copy the file")
+                                  f"after saving); save the model again or re-copy the file.{hint}")
 
 
 def load_folder(directory: str | os.PathLike, *, verify: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
