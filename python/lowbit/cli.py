@@ -644,7 +644,8 @@ def _run_eval(args, dtype) -> None:
                             sentences=args.sentences, dtype=dtype, calibration_samples=args.calibration_samples,
                             progress=not args.quiet, calib=args.calib, baseline=args.baseline,
                             tokenizer=args.tokenizer)
-    print(f"{args.model}, {args.method}, {torch.get_num_threads()} CPU threads")
+    what = args.method if schemes else "quantized checkpoint"
+    print(f"{args.model}, {what}, {torch.get_num_threads()} CPU threads")
     print(format_rows(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({
