@@ -34,7 +34,10 @@ def test_compiled_w8a8_and_fp8_fullgraph():
     import copy
 
     torch._dynamo.reset()
-    base = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.GELU(), torch.nn.Linear(160, 96))
+    # ReLU, not GELU: inductor's GELU differs from eager's in the last bit, and the second
+    # layer's 8-bit activation quantization can turn that into a whole code step (seed
+    # 1709523339 did).
+    base = torch.nn.Sequential(torch.nn.Linear(96, 160), torch.nn.ReLU(), torch.nn.Linear(160, 96))
     for preset in ("W8A8", "FP8"):
         mlp = copy.deepcopy(base)
         lowbit.quantize(mlp, preset, progress=False)
