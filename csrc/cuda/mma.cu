@@ -250,7 +250,6 @@ struct Dtype<__half> {
     b0 = as_u32(__hmul2(__hsub2(as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4140u)), lo), s));
     b1 = as_u32(__hmul2(__hsub2(as_t2<T2>(__byte_perm(q, 0x64646464u, 0x4342u)), lo), s));
   }
-  __device__ static T2 pair(__half v) { return __halves2half2(v, v); }
   __device__ static T2 from_floats(float a, float b) { return __floats2half2_rn(a, b); }
 };
 
@@ -295,7 +294,6 @@ struct Dtype<__nv_bfloat16> {
     b0 = as_u32(__hmul2(__floats2bfloat162_rn(v0, v1), s));
     b1 = as_u32(__hmul2(__floats2bfloat162_rn(v2, v3), s));
   }
-  __device__ static T2 pair(__nv_bfloat16 v) { return __halves2bfloat162(v, v); }
   __device__ static T2 from_floats(float a, float b) { return __floats2bfloat162_rn(a, b); }
 };
 

@@ -236,8 +236,10 @@ def quantization_config_of(model: nn.Module, state: dict[str, torch.Tensor] | No
             "layers": layers, "modules_not_converted": plain, "tied_weights": _tied_names(model, state)}
 
 
-def _hf_config_dict(model: nn.Module) -> dict[str, Any]:
-    """The model's config as saved by ``save_pretrained`` (architectures, dtype), or {}."""
+def hf_config_dict(model: nn.Module) -> dict[str, Any]:
+    """The model's config as saved by ``save_pretrained`` (architectures, dtype; no
+    quantization_config; ``tie_word_embeddings=False`` when a quantized lm_head broke the tie),
+    or {} for a model without a transformers config. Every format writes this."""
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_dict"):
         return {}
@@ -270,7 +272,7 @@ def _save(model: nn.Module, directory: Path, options: dict[str, Any]) -> None:
         if ptr in seen and v.numel():
             tensors[k] = v.clone()
         seen.add(ptr)
-    config = {**_hf_config_dict(model), "quantization_config": qc}
+    config = {**hf_config_dict(model), "quantization_config": qc}
     extra = {}
     generation = getattr(model, "generation_config", None)
     if generation is not None and hasattr(generation, "to_json_string"):

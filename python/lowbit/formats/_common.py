@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..api import _set_submodule as set_submodule  # noqa: F401  (re-exported to the formats)
 from ._io import CheckpointError
 
 __all__ = ["quant_layers", "float_linears", "check_options", "hf_config", "plain_tensors", "fp16_scales",
@@ -61,16 +62,11 @@ def check_options(options: dict[str, Any], known: dict[str, Any], fmt: str) -> d
 
 def hf_config(model: nn.Module) -> dict[str, Any]:
     """The model's transformers config as a dict (what ``save_pretrained`` writes to
-    config.json, ``architectures`` filled in), or ``{}`` for a model without one."""
-    cfg = getattr(model, "config", None)
-    to_dict = getattr(cfg, "to_dict", None)
-    if not callable(to_dict):
-        return {}
-    out = dict(to_dict())
-    if not out.get("architectures"):
-        out["architectures"] = [type(model).__name__]
-    out.pop("quantization_config", None)
-    return out
+    config.json), or ``{}`` for a model without one: :func:`lowbit.checkpoint.hf_config_dict`,
+    shared by every format."""
+    from ..checkpoint import hf_config_dict
+
+    return hf_config_dict(model)
 
 
 def plain_tensors(model: nn.Module, skip: set[str]) -> dict[str, Tensor]:
@@ -162,12 +158,6 @@ def module_device(m: nn.Module) -> torch.device:
     """The device of ``m``'s first parameter or buffer (CPU when it has none)."""
     t = next(iter(list(m.parameters()) + list(m.buffers())), None)
     return torch.device("cpu") if t is None else t.device
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def load_plain(model: nn.Module, tensors: dict[str, Tensor], consumed: set[str], quantized: set[str],

@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..checkpoint import hf_config_dict
 from . import Format, register
 from ._io import CheckpointError, save_folder
 
@@ -202,15 +203,6 @@ def _shadow(model: nn.Module, layers: dict[str, dict], QuantizationScheme, statu
     return root
 
 
-def _hf_config(model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "config", None)
-    if cfg is None or not hasattr(cfg, "to_json_string"):
-        return {}
-    config = json.loads(cfg.to_json_string(use_diff=False))
-    config.pop("quantization_config", None)
-    return config
-
-
 def _dedupe_tied(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Drop tensors that share storage with an earlier one (tied embeddings), as
     ``save_pretrained`` does; the loader ties them again."""
@@ -300,7 +292,7 @@ def save(model: nn.Module, directory: Path, options: dict[str, Any]) -> None:
         (Path(tmp) / "config.json").write_text("{}")
         compressor.update_config(tmp)
         qconfig = json.loads((Path(tmp) / "config.json").read_text())["quantization_config"]
-    config = {**_hf_config(model), "quantization_config": qconfig}
+    config = {**hf_config_dict(model), "quantization_config": qconfig}
     kwargs = {"max_shard_bytes": options["max_shard_bytes"]} if "max_shard_bytes" in options else {}
     save_folder(directory, tensors, config, **kwargs)
 
